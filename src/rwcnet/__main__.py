@@ -1,0 +1,3 @@
+from rwcnet.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""The ``rwcnet`` command line: one typer app, one module per subcommand.
+
+Problems with the user's input (:class:`rwcnet.errors.InputError`) are
+printed as ``error: ...`` and end the program with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rwcnet import __version__
+from rwcnet.errors import InputError
+
+app = typer.Typer(
+    name="rwcnet",
+    help="RWCNet: 3D deformable medical image registration (recurrence with correlation).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(f"rwcnet {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Entry point of the ``rwcnet`` console script."""
+    try:
+        app()
+    except InputError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Command-line subcommands; each module holds one typer command function."""

@@ -1,0 +1,184 @@
+"""Geometry of displacement fields: the one place where rwcnet warps, composes and resizes.
+
+Conventions (see ``docs/conventions.md``):
+
+* Volumes are torch tensors ``(B, C, X, Y, Z)`` in array (voxel) order.
+* A displacement field ``u`` is ``(B, 3, X, Y, Z)`` on the *fixed* grid, in
+  **voxels** of that grid; channel ``c`` is the displacement along array
+  axis ``c``. It is a pull-back: the warped moving image is
+  ``m(x + u(x))``.
+* Points are ``(B, N, 3)`` voxel coordinates in array order.
+* Voxel ``i`` of an axis of size ``n`` is sampled exactly (``align_corners``
+  geometry for warping). Between two grids of different resolution the
+  voxels are cell-centred (``align_corners=False``): voxel ``j`` of a grid
+  ``s`` times coarser covers fine voxels ``s*j .. s*j+s-1``, which is what
+  average pooling by ``s`` produces.
+
+Everything works batched, for any size, in float32 or float64, on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def identity_grid(shape: Sequence[int], *, device=None, dtype=torch.float32) -> Tensor:
+    """Voxel coordinates of a grid: ``(1, 3, *shape)``, channel ``c`` = index along axis ``c``."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def _normalise(coords: Tensor, shape: Sequence[int]) -> Tensor:
+    """Voxel coordinates ``(B, 3, ...)`` to grid_sample's ``(B, ..., 3)`` in [-1, 1], last axis first."""
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=coords.device, dtype=coords.dtype)
+    view = (1, 3) + (1,) * (coords.dim() - 2)
+    normalised = coords * scale.view(view) - 1.0
+    return normalised.movedim(1, -1).flip(-1)
+
+
+def sample(volume: Tensor, coords: Tensor, *, mode: str = "bilinear", padding_mode: str = "border") -> Tensor:
+    """Sample ``volume`` ``(B, C, X, Y, Z)`` at voxel coordinates ``coords`` ``(B, 3, *out)``.
+
+    Returns ``(B, C, *out)``. ``mode`` is ``"bilinear"`` (trilinear in 3D) or
+    ``"nearest"``; outside the volume the border value is repeated by default.
+    """
+    if coords.shape[0] != volume.shape[0] and coords.shape[0] == 1:
+        coords = coords.expand(volume.shape[0], *coords.shape[1:])
+    grid = _normalise(coords.to(volume.dtype), volume.shape[2:])
+    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp(image: Tensor, field: Tensor, *, mode: str = "bilinear", padding_mode: str = "border") -> Tensor:
+    """Warp a moving volume ``(B, C, X', Y', Z')`` by a pull-back field ``(B, 3, X, Y, Z)``.
+
+    ``field`` is in voxels of the moving grid's index space, laid out on the
+    fixed grid (usually both grids are the same). Returns ``m(x + u(x))`` of
+    shape ``(B, C, X, Y, Z)``. Warping by a zero field is the identity.
+    """
+    coords = identity_grid(field.shape[2:], device=field.device, dtype=field.dtype) + field
+    return sample(image, coords, mode=mode, padding_mode=padding_mode)
+
+
+def warp_labels(labels: Tensor, field: Tensor, *, method: str = "nearest", num_classes: int | None = None) -> Tensor:
+    """Warp an integer label map ``(B, 1, X, Y, Z)`` by a pull-back field; returns labels of the same dtype.
+
+    ``method="nearest"`` takes the label of the nearest voxel (what the
+    Learn2Reg scorer does); ``method="onehot"`` warps each label's indicator
+    trilinearly and takes the argmax, which keeps thin structures better.
+    Label values need not be contiguous.
+    """
+    if method == "nearest":
+        warped = warp(labels.to(field.dtype), field, mode="nearest")
+        return warped.round().to(labels.dtype)
+    if method != "onehot":
+        raise ValueError(f"unknown label warping method {method!r}; use 'nearest' or 'onehot'")
+    values = torch.unique(labels) if num_classes is None else torch.arange(num_classes, device=labels.device)
+    best = torch.full((labels.shape[0], 1, *field.shape[2:]), -1.0, device=field.device, dtype=field.dtype)
+    result = torch.zeros((labels.shape[0], 1, *field.shape[2:]), device=labels.device, dtype=labels.dtype)
+    for value in values:
+        score = warp((labels == value).to(field.dtype), field)
+        better = score > best
+        best = torch.where(better, score, best)
+        result = torch.where(better, value.to(labels.dtype), result)
+    return result
+
+
+def sample_field(field: Tensor, points: Tensor) -> Tensor:
+    """Trilinear value of ``field`` ``(B, 3, X, Y, Z)`` at voxel points ``(B, N, 3)``; returns ``(B, N, 3)``."""
+    coords = points.to(field.dtype).transpose(1, 2).unsqueeze(-1).unsqueeze(-1)  # (B, 3, N, 1, 1)
+    values = sample(field, coords)
+    return values.squeeze(-1).squeeze(-1).transpose(1, 2)
+
+
+def transform_points(points: Tensor, field: Tensor) -> Tensor:
+    """Map fixed-grid points ``(B, N, 3)`` to the moving grid: ``p + u(p)`` (voxels)."""
+    return points + sample_field(field, points)
+
+
+def invert_points(points: Tensor, field: Tensor, *, iterations: int = 50) -> Tensor:
+    """Map moving-grid points ``(B, N, 3)`` to the fixed grid: solve ``x + u(x) = p`` by fixed-point iteration."""
+    estimate = points.clone().to(field.dtype)
+    for _ in range(iterations):
+        estimate = points - sample_field(field, estimate)
+    return estimate
+
+
+def compose(u_new: Tensor, u_old: Tensor) -> Tensor:
+    """Compose pull-back fields: ``u(x) = u_new(x) + u_old(x + u_new(x))`` (voxels, same grid).
+
+    Warping by the result equals warping first by ``u_old`` and then the
+    warped image by ``u_new``: ``m(x + u) = (m∘(id + u_old))∘(id + u_new)``.
+    """
+    return u_new + warp(u_old, u_new)
+
+
+def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:
+    """Bring a field ``(B, 3, X, Y, Z)`` to another grid of the same extent, values rescaled.
+
+    Both grids cover the same physical box with cell-centred voxels, so a
+    grid ``s`` times finer has voxels ``s`` times smaller: the vectors are
+    multiplied by ``new_size / old_size`` per axis. Trilinear interpolation
+    when enlarging, area averaging when shrinking by an integer factor.
+    """
+    shape = tuple(int(n) for n in shape)
+    old = field.shape[2:]
+    if tuple(old) == shape:
+        return field
+    if all(o % n == 0 for o, n in zip(old, shape)):
+        resized = F.adaptive_avg_pool3d(field, shape)
+    else:
+        resized = F.interpolate(field, size=shape, mode="trilinear", align_corners=False)
+    scale = torch.tensor([n / o for n, o in zip(shape, old)], device=field.device, dtype=field.dtype)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+def resize_volume(volume: Tensor, shape: Sequence[int]) -> Tensor:
+    """Resize an image ``(B, C, X, Y, Z)`` to ``shape``: area averaging when shrinking by an integer factor, else trilinear."""
+    shape = tuple(int(n) for n in shape)
+    old = volume.shape[2:]
+    if tuple(old) == shape:
+        return volume
+    if all(o % n == 0 for o, n in zip(old, shape)):
+        return F.adaptive_avg_pool3d(volume, shape)
+    return F.interpolate(volume, size=shape, mode="trilinear", align_corners=False)
+
+
+def spatial_gradient(field: Tensor) -> Tensor:
+    """Central differences of a field ``(B, C, X, Y, Z)`` along each axis, one-sided at the borders.
+
+    Returns ``(B, C, 3, X, Y, Z)``: entry ``[:, c, a]`` is ``d field_c / d x_a`` per voxel.
+    """
+    grads = []
+    for axis in range(3):
+        dim = axis + 2
+        grads.append(torch.gradient(field, dim=dim)[0])
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_determinant(field: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x + u(x)`` for a field ``(B, 3, X, Y, Z)`` in voxels; ``(B, X, Y, Z)``.
+
+    1 where the field is locally rigid, below 1 for compression, at or below
+    0 where the transform folds.
+    """
+    jac = spatial_gradient(field)  # (B, 3, 3, X, Y, Z)
+    eye = torch.eye(3, device=field.device, dtype=field.dtype).view(1, 3, 3, 1, 1, 1)
+    jac = (jac + eye).permute(0, 3, 4, 5, 1, 2)
+    return torch.linalg.det(jac)
+
+
+def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
+    """Displacement of the flow of a stationary velocity field by scaling and squaring (voxels).
+
+    ``velocity`` is ``(B, 3, X, Y, Z)``; the result is a diffeomorphic field
+    for smooth velocities when ``steps`` is large enough.
+    """
+    field = velocity / (2**steps)
+    for _ in range(steps):
+        field = compose(field, field)
+    return field
