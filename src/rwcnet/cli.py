@@ -31,6 +31,11 @@ def _root(
         raise typer.Exit()
 
 
+from rwcnet.commands.evaluate import evaluate  # noqa: E402
+
+app.command()(evaluate)
+
+
 def main() -> None:
     """Entry point of the ``rwcnet`` console script."""
     try:

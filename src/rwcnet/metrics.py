@@ -1,0 +1,401 @@
+"""Learn2Reg scores, computed the way the current official evaluation script does.
+
+All functions work on numpy arrays and never touch the model, so a score
+depends only on the field file and the ground truth:
+
+* a displacement field is ``(X, Y, Z, 3)`` on the fixed grid, in voxels,
+  channel ``c`` along array axis ``c``, pull-back (``m(x + u(x))``);
+* label maps are integer arrays ``(X, Y, Z)``; keypoints ``(N, 3)`` voxel
+  indices in array order; spacings are millimetres per voxel.
+
+What is copied from the official scorer on purpose (SPEC §4):
+
+* moving labels are warped with ``map_coordinates(order=0)`` (zero outside);
+* a label absent from the fixed or the (unwarped) moving label map scores
+  NaN for Dice and HD95; a label present in both that the field pushes out
+  of the image scores Dice 0 and HD95 ``inf``; the case score is the nanmean;
+* HD95 is in voxels (spacing ignored), the maximum of the two directed 95th
+  percentiles of surface-to-surface distances, the surface elements being
+  the voxel corners whose 2x2x2 cell is mixed, each weighted by the area of
+  its marching-cubes surface;
+* the Jacobian uses central differences ``[-0.5, 0, 0.5]`` with zero padding,
+  plus identity, cropped by 2 voxels on every side; SDlogJ is the standard
+  deviation of ``log(clip(det + 3, 1e-9, 1e9))`` (the ``+3`` quirk), inside
+  the fixed mask when the evaluation is masked (voxels ``> 0``; the official
+  code keeps voxels equal to 1, the same for a binary mask);
+* TRE samples ``u`` at the fixed keypoints with cubic ``map_coordinates``
+  (zero outside) and measures ``|(k_fix + u - k_mov) * spacing|`` in mm;
+* aggregates over cases are ``np.mean``, ``np.std`` (population) and a "30"
+  value: the 0.3 quantile for Dice and HD95, the 0.7 quantile for TRE and
+  SDlogJ (and for the folding fraction, which the official script does not
+  aggregate).
+
+Not official: the fraction of folded voxels (``det <= 0`` without the
+``+3``, over the cropped grid); the official ``num_foldings`` is counted
+after the ``+3`` and clipping and is therefore always 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+HD95_PERCENT = 95.0
+JACOBIAN_CROP = 2
+SDLOGJ_OFFSET = 3.0
+CASE_METRICS = ("dice", "hd95", "sdlogj", "folding_fraction", "tre")
+UPPER_QUANTILE_METRICS = frozenset({"sdlogj", "tre", "folding_fraction"})
+
+
+def _as_field(field: np.ndarray) -> np.ndarray:
+    """Check a displacement field ``(X, Y, Z, 3)`` and return it as float64."""
+    field = np.asarray(field)
+    if field.ndim != 4 or field.shape[-1] != 3:
+        raise ValueError(f"a displacement field must have shape (X, Y, Z, 3), not {field.shape}")
+    return field.astype(np.float64, copy=False)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean ignoring NaN; NaN (without a warning) when every value is NaN or there are none."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0 or np.all(np.isnan(array)):
+        return float("nan")
+    return float(np.nanmean(array))
+
+
+def warp_labels_nearest(moving_labels: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Warp a moving label map with a pull-back field, nearest neighbour, 0 outside.
+
+    ``moving_labels`` is ``(X', Y', Z')``, ``field`` ``(X, Y, Z, 3)`` in voxels
+    of the moving grid laid on the fixed grid; returns ``(X, Y, Z)`` labels of
+    the moving map's dtype, exactly as the official scorer warps them.
+    """
+    field = _as_field(field)
+    axes = [np.arange(n, dtype=np.float64) for n in field.shape[:3]]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0) + np.moveaxis(field, -1, 0)
+    warped = ndimage.map_coordinates(np.asarray(moving_labels, dtype=np.float64), coords, order=0)
+    return warped.astype(np.asarray(moving_labels).dtype)
+
+
+def _presence(labels_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Whether each label value occurs in ``labels_map``: bool array ``(len(labels),)``."""
+    present = np.unique(labels_map)
+    return np.isin(np.asarray(labels), present)
+
+
+def dice_per_label(
+    fixed_labels: np.ndarray,
+    moving_labels_warped: np.ndarray,
+    labels: Sequence[int],
+    moving_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Dice of each label between the fixed and the warped moving label maps: ``(len(labels),)``.
+
+    A label absent from ``fixed_labels`` or from the unwarped ``moving_labels``
+    is NaN (the official rule); when ``moving_labels`` is not given, presence
+    is judged on the warped map instead.
+    """
+    if fixed_labels.shape != moving_labels_warped.shape:
+        raise ValueError(f"label maps differ in shape: {fixed_labels.shape} and {moving_labels_warped.shape}")
+    reference = moving_labels_warped if moving_labels is None else moving_labels
+    valid = _presence(fixed_labels, labels) & _presence(reference, labels)
+    scores = np.full(len(labels), np.nan)
+    for index, label in enumerate(labels):
+        if not valid[index]:
+            continue
+        a = fixed_labels == label
+        b = moving_labels_warped == label
+        scores[index] = 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+    return scores
+
+
+_CELL_CORNERS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1))  # bit 4i+2j+k of a cell code
+
+
+def _cell_components(corners: set[tuple[int, int, int]]) -> list[set[tuple[int, int, int]]]:
+    """Connected groups of cube corners, two corners being connected when they share a cube edge."""
+    groups: list[set[tuple[int, int, int]]] = []
+    left = set(corners)
+    while left:
+        group, frontier = set(), [left.pop()]
+        while frontier:
+            corner = frontier.pop()
+            group.add(corner)
+            for other in list(left):
+                if sum(a != b for a, b in zip(corner, other)) == 1:
+                    left.discard(other)
+                    frontier.append(other)
+        groups.append(group)
+    return groups
+
+
+def _cut_polygon(group: set[tuple[int, int, int]]) -> list[np.ndarray]:
+    """The closed polygon through the midpoints of the cube edges leaving ``group``, in order.
+
+    Each cube face holding part of the group contributes one side: the
+    segment between the two edges where the face's corner cycle leaves it.
+    """
+    sides = []
+    for axis in range(3):
+        others = [a for a in range(3) if a != axis]
+        for value in (0, 1):
+            cycle = []
+            for s, t in ((0, 0), (1, 0), (1, 1), (0, 1)):
+                corner = [0, 0, 0]
+                corner[axis], corner[others[0]], corner[others[1]] = value, s, t
+                cycle.append(tuple(corner))
+            ends = [
+                tuple((np.add(cycle[n], cycle[(n + 1) % 4]) / 2).tolist())
+                for n in range(4)
+                if (cycle[n] in group) != (cycle[(n + 1) % 4] in group)
+            ]
+            if ends:
+                sides.append(ends)
+    chain = list(sides.pop())
+    while sides:
+        side = next(s for s in sides if chain[-1] in s)
+        sides.remove(side)
+        chain.append(side[1] if side[0] == chain[-1] else side[0])
+    return [np.array(point) for point in chain[:-1]]
+
+
+def _max_triangulation_area(polygon: list[np.ndarray]) -> float:
+    """Largest total area over the triangulations of a (possibly non-planar) polygon."""
+    n = len(polygon)
+    best = np.zeros((n, n))
+    for span in range(2, n):
+        for i in range(n - span):
+            j = i + span
+            best[i, j] = max(
+                best[i, k] + best[k, j]
+                + 0.5 * np.linalg.norm(np.cross(polygon[k] - polygon[i], polygon[j] - polygon[i]))
+                for k in range(i + 1, j)
+            )
+    return float(best[0, n - 1])
+
+
+@functools.cache
+def surfel_area_table() -> np.ndarray:
+    """Surface area (voxel units) inside a 2x2x2 cell for each of its 256 codes: ``(256,)``.
+
+    The surface is the marching-cubes one with vertices at edge midpoints:
+    for each edge-connected group of the side with at most four corners,
+    the polygon through the midpoints of the edges leaving it, triangulated
+    to the largest area where it is not planar (which is what the official
+    scorer's surface-distance table holds).
+    """
+    table = np.zeros(256)
+    for code in range(1, 255):
+        inside = {c for bit, c in enumerate(_CELL_CORNERS) if code >> bit & 1}
+        side = inside if len(inside) <= 4 else set(_CELL_CORNERS) - inside
+        table[code] = sum(_max_triangulation_area(_cut_polygon(group)) for group in _cell_components(side))
+    return table
+
+
+def _cell_codes(mask: np.ndarray) -> np.ndarray:
+    """Code of every 2x2x2 cell of a binary mask on the voxel-corner lattice: ``(X+1, Y+1, Z+1)`` uint8.
+
+    Corner ``c`` sits between voxels ``c-1`` and ``c`` on every axis (outside
+    the mask counts as background); bit ``4i+2j+k`` is voxel ``c-1+(i, j, k)``.
+    """
+    padded = np.pad(mask.astype(np.uint8), 1)
+    shape = tuple(n + 1 for n in mask.shape)
+    codes = np.zeros(shape, dtype=np.uint8)
+    for bit, (i, j, k) in enumerate(_CELL_CORNERS):
+        codes |= padded[i : i + shape[0], j : j + shape[1], k : k + shape[2]] << bit
+    return codes
+
+
+def _directed_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    """Area-weighted ``percent`` percentile: the first distance (sorted) whose cumulative area share reaches it."""
+    order = np.lexsort((areas, distances))
+    cumulative = np.cumsum(areas[order]) / areas.sum()
+    index = int(np.searchsorted(cumulative, percent / 100.0))
+    return float(distances[order][min(index, distances.size - 1)])
+
+
+def robust_hausdorff(a: np.ndarray, b: np.ndarray, percent: float = HD95_PERCENT) -> float:
+    """Robust Hausdorff distance between two binary masks of the same shape, in voxels.
+
+    The maximum of the two directed ``percent`` percentiles of distances from
+    the surface elements of one mask to the surface of the other, each
+    element weighted by its area (:func:`surfel_area_table`); ``inf`` when
+    either mask is empty.
+    """
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    if not a.any() or not b.any():
+        return float("inf")
+    union = a | b
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(union.any(axis=tuple(j for j in range(3) if j != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    table = surfel_area_table()
+    codes_a, codes_b = _cell_codes(a[tuple(box)]), _cell_codes(b[tuple(box)])
+    surface_a = (codes_a != 0) & (codes_a != 255)
+    surface_b = (codes_b != 0) & (codes_b != 255)
+    to_b = ndimage.distance_transform_edt(~surface_b)
+    to_a = ndimage.distance_transform_edt(~surface_a)
+    return max(
+        _directed_percentile(to_b[surface_a], table[codes_a[surface_a]], percent),
+        _directed_percentile(to_a[surface_b], table[codes_b[surface_b]], percent),
+    )
+
+
+def hd95_per_label(
+    fixed_labels: np.ndarray,
+    moving_labels_warped: np.ndarray,
+    labels: Sequence[int],
+    moving_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """HD95 of each label in voxels: ``(len(labels),)``, with the same NaN rule as :func:`dice_per_label`."""
+    if fixed_labels.shape != moving_labels_warped.shape:
+        raise ValueError(f"label maps differ in shape: {fixed_labels.shape} and {moving_labels_warped.shape}")
+    reference = moving_labels_warped if moving_labels is None else moving_labels
+    valid = _presence(fixed_labels, labels) & _presence(reference, labels)
+    scores = np.full(len(labels), np.nan)
+    for index, label in enumerate(labels):
+        if valid[index]:
+            scores[index] = robust_hausdorff(fixed_labels == label, moving_labels_warped == label)
+    return scores
+
+
+def jacobian_det(field: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of ``x + u(x)``: ``(X-4, Y-4, Z-4)``, the official way.
+
+    Central differences ``[-0.5, 0, 0.5]`` with zeros outside, plus identity,
+    cropped by 2 voxels on every side (so the padding never shows).
+    """
+    field = _as_field(field)
+    if min(field.shape[:3]) <= 2 * JACOBIAN_CROP:
+        raise ValueError(f"field of shape {field.shape} is too small for the cropped Jacobian")
+    crop = (slice(JACOBIAN_CROP, -JACOBIAN_CROP),) * 3
+    jac = np.empty((3, 3) + tuple(n - 2 * JACOBIAN_CROP for n in field.shape[:3]))
+    for axis in range(3):
+        kernel = np.array([-0.5, 0.0, 0.5]).reshape([3 if a == axis else 1 for a in range(3)])
+        for component in range(3):
+            gradient = ndimage.correlate(field[..., component], kernel, mode="constant", cval=0.0)
+            jac[component, axis] = gradient[crop] + (1.0 if component == axis else 0.0)
+    return (
+        jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
+        - jac[0, 1] * (jac[1, 0] * jac[2, 2] - jac[1, 2] * jac[2, 0])
+        + jac[0, 2] * (jac[1, 0] * jac[2, 1] - jac[1, 1] * jac[2, 0])
+    )
+
+
+def _cropped_mask(mask: np.ndarray | None, det: np.ndarray) -> np.ndarray | None:
+    """The fixed mask cropped like the Jacobian, as bool, or None for unmasked."""
+    if mask is None:
+        return None
+    cropped = np.asarray(mask)[(slice(JACOBIAN_CROP, -JACOBIAN_CROP),) * 3] > 0
+    if cropped.shape != det.shape:
+        raise ValueError(f"mask of shape {np.asarray(mask).shape} does not match the field's grid")
+    return cropped
+
+
+def sdlogj(det: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Std of ``log(clip(det + 3, 1e-9, 1e9))`` over the cropped grid, or inside ``mask`` (full fixed grid)."""
+    log_det = np.log(np.clip(det + SDLOGJ_OFFSET, 1e-9, 1e9))
+    region = _cropped_mask(mask, det)
+    values = log_det if region is None else log_det[region]
+    return float(values.std()) if values.size else float("nan")
+
+
+def folding_fraction(det: np.ndarray) -> float:
+    """Fraction of voxels of the cropped grid with ``det <= 0`` (no ``+3``)."""
+    return float(np.count_nonzero(det <= 0) / det.size)
+
+
+def tre(field: np.ndarray, fixed_kp: np.ndarray, moving_kp: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Target registration error of each keypoint pair in mm: ``(N,)``.
+
+    ``u`` is sampled at the fixed keypoints (voxel indices ``(N, 3)``) with
+    cubic interpolation (zero outside), and the error is
+    ``|(k_fix + u(k_fix) - k_mov) * spacing|``.
+    """
+    field = _as_field(field)
+    fixed_kp = np.atleast_2d(np.asarray(fixed_kp, dtype=np.float64))
+    moving_kp = np.atleast_2d(np.asarray(moving_kp, dtype=np.float64))
+    if fixed_kp.shape != moving_kp.shape or fixed_kp.shape[-1] != 3:
+        raise ValueError(f"keypoints must be two (N, 3) arrays of equal N, not {fixed_kp.shape} and {moving_kp.shape}")
+    displacement = np.stack(
+        [ndimage.map_coordinates(field[..., c], fixed_kp.T, order=3, mode="constant") for c in range(3)], axis=1
+    )
+    return np.linalg.norm((fixed_kp + displacement - moving_kp) * np.asarray(spacing, dtype=np.float64), axis=1)
+
+
+def score_case(
+    field: np.ndarray,
+    fixed_labels: np.ndarray | None = None,
+    moving_labels: np.ndarray | None = None,
+    labels: Sequence[int] | None = None,
+    fixed_kp: np.ndarray | None = None,
+    moving_kp: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    fixed_mask: np.ndarray | None = None,
+    *,
+    compute_hd95: bool = True,
+) -> dict[str, Any]:
+    """All scores of one registration: a dict of floats plus per-label and per-point details.
+
+    Always ``sdlogj`` and ``folding_fraction``; ``dice``, ``dice_per_label``
+    (and ``hd95``, ``hd95_per_label``) when both label maps are given (labels
+    default to every non-zero value in either map); ``tre`` and
+    ``tre_per_point`` when both keypoint sets and ``spacing`` are given.
+    ``fixed_mask`` restricts SDlogJ (masked evaluation).
+    """
+    field = _as_field(field)
+    det = jacobian_det(field)
+    result: dict[str, Any] = {"sdlogj": sdlogj(det, fixed_mask), "folding_fraction": folding_fraction(det)}
+    if fixed_labels is not None and moving_labels is not None:
+        if fixed_labels.shape != field.shape[:3]:
+            raise ValueError(f"fixed labels of shape {fixed_labels.shape} do not match the field {field.shape}")
+        if labels is None:
+            labels = [int(v) for v in np.union1d(np.unique(fixed_labels), np.unique(moving_labels)) if v != 0]
+        warped = warp_labels_nearest(moving_labels, field)
+        dice = dice_per_label(fixed_labels, warped, labels, moving_labels)
+        result["dice"] = _nanmean(dice)
+        result["dice_per_label"] = {str(int(label)): float(v) for label, v in zip(labels, dice)}
+        if compute_hd95:
+            hd95 = hd95_per_label(fixed_labels, warped, labels, moving_labels)
+            result["hd95"] = _nanmean(hd95)
+            result["hd95_per_label"] = {str(int(label)): float(v) for label, v in zip(labels, hd95)}
+    if fixed_kp is not None and moving_kp is not None:
+        if spacing is None:
+            raise ValueError("TRE needs the voxel spacing in mm")
+        errors = tre(field, fixed_kp, moving_kp, spacing)
+        result["tre"] = float(errors.mean())
+        result["tre_per_point"] = [float(v) for v in errors]
+    return result
+
+
+def aggregate(cases: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, std and "30" value of each scalar metric over cases, as the official script computes them.
+
+    Only metrics present in every case are aggregated. NaN or ``inf`` case
+    values propagate, as with ``np.mean``. The "30" value is the 0.7
+    quantile for TRE, SDlogJ and the folding fraction (lower is better) and
+    the 0.3 quantile for Dice and HD95 (as the official code does).
+    """
+    result: dict[str, dict[str, float]] = {}
+    if not cases:
+        return result
+    for metric in CASE_METRICS:
+        if not all(metric in case for case in cases):
+            continue
+        values = np.array([float(case[metric]) for case in cases], dtype=np.float64)
+        quantile = 0.7 if metric in UPPER_QUANTILE_METRICS else 0.3
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result[metric] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "30": float(np.quantile(values, quantile)),
+                "n": int(values.size),
+            }
+    return result

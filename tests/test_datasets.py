@@ -1,0 +1,116 @@
+"""Learn2Reg dataset folders: JSON parsing, pairs, label/mask/keypoint lookup, the torch PairDataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from l2r_fixture import SHAPE, SHIFT, SPACING, write_paired, write_unpaired
+from rwcnet.datasets import Learn2RegDataset, Pair, PairDataset, image_id, read_pairs_csv
+from rwcnet.errors import InputError
+
+
+def test_paired_dataset_pairs_masks_and_csv_keypoints_named_nii(tmp_path: Path) -> None:
+    root = write_paired(tmp_path / "tiny")
+    ds = Learn2RegDataset(root)
+    assert ds.name == "TINY" and ds.pairings == "paired" and ds.image_shape == SHAPE
+    assert ds.evaluation_labels is None
+    val = ds.pairs("val")
+    assert [p.key for p in val] == ["0002_0000<--0002_0001", "0003_0000<--0003_0001"]
+    assert [p.key for p in ds.pairs("train")] == ["0001_0000<--0001_0001"]
+    fixed = val[0].fixed
+    assert ds.mask_path(fixed) == root / "masksTr" / "TINY_0002_0000.nii.gz"
+    assert ds.keypoints_path(fixed) == root / "keypointsTr" / "TINY_0002_0000.csv"
+    assert ds.label_path(fixed) is None
+    with pytest.raises(InputError, match="registration_test"):
+        ds.pairs("test")
+    with pytest.raises(InputError, match="unknown pair set 'nope'"):
+        ds.pairs("nope")
+
+
+def test_pair_dataset_items(tmp_path: Path) -> None:
+    ds = Learn2RegDataset(write_paired(tmp_path / "tiny"))
+    items = PairDataset(ds, "val")
+    assert len(items) == 2
+    item = items[0]
+    assert item["fixed"].shape == item["moving"].shape == (1,) + SHAPE
+    assert item["fixed"].dtype == torch.float32
+    torch.testing.assert_close(item["spacing"], torch.tensor(SPACING, dtype=torch.float32))
+    assert item["fixed_id"] == "TINY_0002_0000" and item["moving_id"] == "TINY_0002_0001"
+    assert item["fixed_mask"].shape == (1,) + SHAPE and set(item["fixed_mask"].unique().tolist()) == {0.0, 1.0}
+    assert item["fixed_keypoints"].shape == (5, 3)
+    torch.testing.assert_close(item["moving_keypoints"] - item["fixed_keypoints"],
+                               torch.tensor(SHIFT, dtype=torch.float32).expand(5, 3), atol=1e-3, rtol=0)
+    assert "fixed_labels" not in item
+    bare = PairDataset(ds, "val", masks=False, keypoints=False)[0]
+    assert "fixed_mask" not in bare and "fixed_keypoints" not in bare
+
+
+def test_unpaired_dataset_labels_train_pairs_and_evaluation_labels(tmp_path: Path) -> None:
+    ds = Learn2RegDataset(write_unpaired(tmp_path / "unp"))
+    assert ds.evaluation_labels == [1, 2, 3]
+    assert len(ds.training_images()) == 4
+    train = ds.pairs("train")
+    assert len(train) == 2  # 0003 <-> 0004: the validation images 0001, 0002 are held out
+    assert {image_id(p.fixed) for p in train} == {"UNP_0003_0000", "UNP_0004_0000"}
+    (pair,) = ds.pairs("val")
+    assert ds.label_path(pair.moving) == ds.root / "labelsTr" / "UNP_0002_0000.nii.gz"
+    item = PairDataset(ds, [pair])[0]
+    assert item["fixed_labels"].dtype == torch.int64 and item["fixed_labels"].shape == (1,) + SHAPE
+    assert set(np.unique(item["fixed_labels"].numpy())) == {0, 1, 2, 3}
+
+
+def test_pairs_from_csv(tmp_path: Path) -> None:
+    root = write_unpaired(tmp_path / "unp")
+    csv_file = tmp_path / "pairs.csv"
+    absolute = root / "imagesTr" / "UNP_0004_0000.nii.gz"
+    csv_file.write_text(f"fixed,moving\n./imagesTr/UNP_0003_0000.nii.gz,{absolute}\n")
+    ds = Learn2RegDataset(root)
+    assert ds.pairs(csv_file) == [Pair(root / "imagesTr" / "UNP_0003_0000.nii.gz", absolute)]
+    assert read_pairs_csv(csv_file, root) == ds.pairs(str(csv_file))
+    csv_file.write_text("./imagesTr/UNP_0003_0000.nii.gz,./imagesTr/UNP_0099_0000.nii.gz\n")
+    with pytest.raises(InputError, match="UNP_0099_0000.nii.gz"):
+        ds.pairs(csv_file)
+    csv_file.write_text("only-one-column\n")
+    with pytest.raises(InputError, match="line 1"):
+        ds.pairs(csv_file)
+
+
+def test_clear_errors_for_missing_json_and_files(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        Learn2RegDataset(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no Learn2Reg"):
+        Learn2RegDataset(empty)
+    (empty / "BAD_dataset.json").write_text("{not json")
+    with pytest.raises(InputError, match="BAD_dataset.json"):
+        Learn2RegDataset(empty)
+    root = write_unpaired(tmp_path / "unp")
+    (root / "labelsTr" / "UNP_0002_0000.nii.gz").unlink()
+    ds = Learn2RegDataset(root)
+    with pytest.raises(InputError, match="UNP_0002_0000.nii.gz"):
+        ds.label_path(root / "imagesTr" / "UNP_0002_0000.nii.gz")
+    meta = json.loads((root / "UNP_dataset.json").read_text())
+    meta["registration_val"] = [{"fixed": "./imagesTr/UNP_0001_0000.nii.gz", "moving": "./imagesTr/GONE.nii.gz"}]
+    (root / "UNP_dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="GONE.nii.gz"):
+        Learn2RegDataset(root).pairs("val")
+
+
+def test_shared_brain_dataset(shared_data: Path) -> None:
+    ds = Learn2RegDataset(shared_data / "brain")
+    (pair,) = ds.pairs("val")
+    assert (image_id(pair.fixed), image_id(pair.moving)) == ("BRAIN_0001_0000", "BRAIN_0002_0000")
+    assert len(ds.evaluation_labels) == 30
+    assert len(ds.pairs("train")) == 6
+    assert ds.label_path(pair.fixed) is not None
+    assert ds.label_path(ds.root / "imagesTr" / "BRAIN_0003_0000.nii.gz") is None
+    item = PairDataset(ds, "val")[0]
+    assert item["fixed"].shape == (1, 160, 192, 224)
+    assert item["moving_labels"].dtype == torch.int64
+    torch.testing.assert_close(item["spacing"], torch.ones(3))
