@@ -81,8 +81,6 @@ def test_warp_labels_nearest_matches_map_coordinates_order0():
         np.testing.assert_array_equal(warped[b, 0].numpy(), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="grid_sample 'nearest' rounds half-voxel ties to even (and float32 "
-                   "normalisation jitters them); map_coordinates order 0, the Learn2Reg scorer's warp, rounds half up")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_warp_labels_nearest_half_voxel_ties_match_map_coordinates(dtype):
     labels = torch.arange(8).view(1, 1, 8, 1, 1).expand(1, 1, 8, 2, 2).contiguous()

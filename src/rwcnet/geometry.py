@@ -73,7 +73,9 @@ def warp_labels(labels: Tensor, field: Tensor, *, method: str = "nearest", num_c
     Label values need not be contiguous.
     """
     if method == "nearest":
-        warped = warp(labels.to(field.dtype), field, mode="nearest")
+        # floor(x + 0.5) rounds half-voxel ties up, as scipy's map_coordinates(order=0) and the scorer do
+        coords = torch.floor(identity_grid(field.shape[2:], device=field.device, dtype=field.dtype) + field + 0.5)
+        warped = sample(labels.to(field.dtype), coords, mode="nearest")
         return warped.round().to(labels.dtype)
     if method != "onehot":
         raise ValueError(f"unknown label warping method {method!r}; use 'nearest' or 'onehot'")
@@ -168,8 +170,8 @@ def jacobian_determinant(field: Tensor) -> Tensor:
     """
     jac = spatial_gradient(field)  # (B, 3, 3, X, Y, Z)
     eye = torch.eye(3, device=field.device, dtype=field.dtype).view(1, 3, 3, 1, 1, 1)
-    jac = (jac + eye).permute(0, 3, 4, 5, 1, 2)
-    return torch.linalg.det(jac)
+    (a, b, c), (d, e, f), (g, h, i) = [list(row.unbind(1)) for row in (jac + eye).unbind(1)]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
