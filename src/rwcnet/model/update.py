@@ -1,0 +1,120 @@
+"""The update block (paper Figure 2, right): motion encoder, 3D ConvGRU, flow head, convex upsampler."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MotionEncoder(nn.Module):
+    """Correlation (or concatenated features) and the current flow -> motion features.
+
+    ``cost`` is ``(B, K, X, Y, Z)``, ``flow`` ``(B, 3, X, Y, Z)`` in voxels of the
+    stage grid; the output ``(B, channels, X, Y, Z)`` ends with the flow itself.
+    """
+
+    def __init__(self, cost_channels: int, channels: int, flow_kernel: int) -> None:
+        super().__init__()
+        cost_mid, cost_out = channels, (3 * channels) // 4
+        flow_mid, flow_out = channels // 2, channels // 4
+        self.cost = nn.Sequential(
+            nn.Conv3d(cost_channels, cost_mid, 1), nn.ReLU(), nn.Conv3d(cost_mid, cost_out, 3, padding=1), nn.ReLU()
+        )
+        self.flow = nn.Sequential(
+            nn.Conv3d(3, flow_mid, flow_kernel, padding=flow_kernel // 2),
+            nn.ReLU(),
+            nn.Conv3d(flow_mid, flow_out, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.out = nn.Sequential(nn.Conv3d(cost_out + flow_out, channels - 3, 3, padding=1), nn.ReLU())
+
+    def forward(self, cost: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        motion = self.out(torch.cat([self.cost(cost), self.flow(flow)], dim=1))
+        return torch.cat([motion, flow], dim=1)
+
+
+class ConvGRU(nn.Module):
+    """3D convolutional GRU cell with kernel ``kernel`` (a 3-tuple, so 1-D passes are possible).
+
+    ``z = σ(W_z [h, x])``, ``r = σ(W_r [h, x])``, ``q = tanh(W_q [r ⊙ h, x])``,
+    ``h' = (1 − z) ⊙ h + z ⊙ q``. With ``reference_compat`` the reset gate reuses
+    the update gate's convolution, as the reference code does.
+    """
+
+    def __init__(
+        self, hidden: int, inputs: int, kernel: tuple[int, int, int], reference_compat: bool = False
+    ) -> None:
+        super().__init__()
+        padding = tuple(k // 2 for k in kernel)
+        self.hidden = hidden
+        self.reference_compat = reference_compat
+        self.gates = nn.Conv3d(hidden + inputs, 2 * hidden, kernel, padding=padding)
+        self.candidate = nn.Conv3d(hidden + inputs, hidden, kernel, padding=padding)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        hx = torch.cat([h, x], dim=1)
+        z, r = torch.sigmoid(self.gates(hx)).split(self.hidden, dim=1)
+        if self.reference_compat:
+            r = z
+        q = torch.tanh(self.candidate(torch.cat([r * h, x], dim=1)))
+        return (1 - z) * h + z * q
+
+
+class UpdateGRU(nn.Module):
+    """Dense ``k^3`` ConvGRU, or the separable variant: three GRU passes with ``k×1×1``, ``1×k×1``, ``1×1×k``."""
+
+    def __init__(self, hidden: int, inputs: int, kernel: int, separable: bool, reference_compat: bool) -> None:
+        super().__init__()
+        if separable:
+            kernels = [(kernel, 1, 1), (1, kernel, 1), (1, 1, kernel)]
+        else:
+            kernels = [(kernel, kernel, kernel)]
+        self.cells = nn.ModuleList(ConvGRU(hidden, inputs, k, reference_compat) for k in kernels)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for cell in self.cells:
+            h = cell(h, x)
+        return h
+
+
+class FlowHead(nn.Module):
+    """Hidden state -> flow update ``Δu`` ``(B, 3, X, Y, Z)`` in voxels of the stage grid."""
+
+    def __init__(self, hidden: int, channels: int, init_scale: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(hidden, channels, 3, padding=1)
+        self.conv2 = nn.Conv3d(channels, 3, 3, padding=1)
+        with torch.no_grad():
+            self.conv2.weight.mul_(init_scale)
+            self.conv2.bias.mul_(init_scale)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.leaky_relu(self.conv1(h), 0.1))
+
+
+class ConvexUpsampler(nn.Module):
+    """Learned convex upsampling of a field by an integer ``factor`` (RAFT's upsampling, in 3D).
+
+    A mask predicted from the hidden state gives, for each of the ``factor^3``
+    fine voxels inside a coarse voxel, softmax weights over the 27 coarse
+    neighbours. Values are multiplied by ``factor`` (voxels of the finer grid).
+    """
+
+    def __init__(self, hidden: int, channels: int, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.mask = nn.Sequential(
+            nn.Conv3d(hidden, channels, 3, padding=1), nn.ReLU(), nn.Conv3d(channels, 27 * factor**3, 1)
+        )
+
+    def forward(self, field: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        b, c, x, y, z = field.shape
+        s = self.factor
+        weights = torch.softmax(0.25 * self.mask(hidden).view(b, 1, 27, s, s, s, x, y, z), dim=2)
+        padded = F.pad(field * s, (1, 1, 1, 1, 1, 1), mode="replicate")
+        fine = field.new_zeros(b, c, s, s, s, x, y, z)
+        for n, (i, j, k) in enumerate((i, j, k) for i in range(3) for j in range(3) for k in range(3)):
+            neighbour = padded[:, :, i : i + x, j : j + y, k : k + z].view(b, c, 1, 1, 1, x, y, z)
+            fine = fine + weights[:, :, n] * neighbour
+        return fine.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, x * s, y * s, z * s)
