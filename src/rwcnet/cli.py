@@ -34,6 +34,9 @@ def _root(
 from rwcnet.commands.evaluate import evaluate  # noqa: E402
 
 app.command()(evaluate)
+from rwcnet.commands.apply import apply  # noqa: E402
+
+app.command()(apply)
 
 
 def main() -> None:
