@@ -213,3 +213,20 @@ def test_a_tiny_stage_overfits_one_semi_synthetic_pair():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert math.isfinite(end) and end < 0.5 * start
+
+
+def test_a_training_region_reproduces_the_whole_grid_result_for_a_single_tile_stage():
+    torch.manual_seed(0)
+    config = ModelConfig(stages=[tiny_stage(downsample=2)], dropout=0.0, flow_head_init_scale=1.0)
+    model = RWCNet(config).eval()
+    fixed, moving = smooth_image((16, 16, 16), 1), smooth_image((16, 16, 16), 2)
+    region = (slice(0, 8), slice(0, 8), slice(0, 8))
+    with torch.no_grad():
+        whole = model(fixed, moving)
+        patch = model(fixed, moving, region=region)
+    assert patch.field.shape == (1, 3, 16, 16, 16) and patch.origin == (0, 0, 0)
+    torch.testing.assert_close(patch.field, whole.field)
+    box = (slice(None), slice(None), slice(2, 6), slice(0, 8), slice(4, 8))
+    with torch.no_grad():
+        sub = model(fixed, moving, region=box[2:])
+    assert sub.field.shape == (1, 3, 8, 16, 8) and sub.origin == (4, 0, 8)

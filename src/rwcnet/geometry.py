@@ -53,14 +53,25 @@ def sample(volume: Tensor, coords: Tensor, *, mode: str = "bilinear", padding_mo
     return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def warp(image: Tensor, field: Tensor, *, mode: str = "bilinear", padding_mode: str = "border") -> Tensor:
+def warp(
+    image: Tensor,
+    field: Tensor,
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "border",
+    origin: Sequence[int] = (0, 0, 0),
+) -> Tensor:
     """Warp a moving volume ``(B, C, X', Y', Z')`` by a pull-back field ``(B, 3, X, Y, Z)``.
 
     ``field`` is in voxels of the moving grid's index space, laid out on the
     fixed grid (usually both grids are the same). Returns ``m(x + u(x))`` of
     shape ``(B, C, X, Y, Z)``. Warping by a zero field is the identity.
+    ``origin`` places a field that covers only a box of the grid: its voxel 0
+    is voxel ``origin`` of the image (patch-wise training and tiling).
     """
     coords = identity_grid(field.shape[2:], device=field.device, dtype=field.dtype) + field
+    if any(origin):
+        coords = coords + torch.tensor(origin, device=field.device, dtype=field.dtype).view(1, 3, 1, 1, 1)
     return sample(image, coords, mode=mode, padding_mode=padding_mode)
 
 
@@ -110,13 +121,14 @@ def invert_points(points: Tensor, field: Tensor, *, iterations: int = 50) -> Ten
     return estimate
 
 
-def compose(u_new: Tensor, u_old: Tensor) -> Tensor:
+def compose(u_new: Tensor, u_old: Tensor, *, origin: Sequence[int] = (0, 0, 0)) -> Tensor:
     """Compose pull-back fields: ``u(x) = u_new(x) + u_old(x + u_new(x))`` (voxels, same grid).
 
     Warping by the result equals warping first by ``u_old`` and then the
     warped image by ``u_new``: ``m(x + u) = (m∘(id + u_old))∘(id + u_new)``.
+    ``u_new`` may cover only a box of ``u_old``'s grid starting at ``origin``.
     """
-    return u_new + warp(u_old, u_new)
+    return u_new + warp(u_old, u_new, origin=origin)
 
 
 def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from rwcnet import geometry
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.stage import RecurrentStage, StageState
-from rwcnet.model.tiling import Tile, plan_tiles, run_tiled
+from rwcnet.model.tiling import Box, Tile, plan_tiles, run_tiled
 from rwcnet.model.update import ConvexUpsampler
 
 
@@ -23,14 +23,20 @@ class StageResult:
     prior: torch.Tensor  # (B, 3, X_s, Y_s, Z_s): total field before this stage
     hidden: torch.Tensor  # (B, H, X_s, Y_s, Z_s)
     sequence: list[torch.Tensor] = dataclass_field(default_factory=list)  # total field after each iteration
+    origin: tuple[int, int, int] = (0, 0, 0)  # stage-grid voxel where the field starts (training regions)
 
 
 @dataclass
 class CascadeOutput:
-    """The full-resolution field ``(B, 3, X, Y, Z)`` in voxels of the input grid, and per-stage results."""
+    """The full-resolution field ``(B, 3, X, Y, Z)`` in voxels of the input grid, and per-stage results.
+
+    With a training ``region`` the field covers only that box; ``origin`` is
+    its first voxel on the input grid.
+    """
 
     field: torch.Tensor
     stages: list[StageResult]
+    origin: tuple[int, int, int] = (0, 0, 0)
 
 
 class RWCNet(nn.Module):
@@ -72,12 +78,21 @@ class RWCNet(nn.Module):
         return self
 
     def forward(
-        self, fixed: torch.Tensor, moving: torch.Tensor, *, num_stages: int | None = None, sequence: bool = False
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        *,
+        num_stages: int | None = None,
+        sequence: bool = False,
+        region: Box | None = None,
     ) -> CascadeOutput:
         """Register ``moving`` to ``fixed``; run the first ``num_stages`` stages (all by default).
 
         With ``sequence=True`` each stage result keeps the total field after
-        every iteration, for RAFT's sequence loss.
+        every iteration, for RAFT's sequence loss. ``region`` (a box on the
+        grid of the last stage run) makes that stage iterate on this one patch
+        instead of tiling the whole grid, as in patch-wise training; the input
+        size must then be a multiple of ``config.alignment``.
         """
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
             raise ValueError(f"expected two (B, 1, X, Y, Z) images of one shape, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
@@ -92,8 +107,18 @@ class RWCNet(nn.Module):
         for index in range(count):
             grad = index >= self.frozen_stages and torch.is_grad_enabled()
             with torch.set_grad_enabled(grad):
-                results.append(self._run_stage(index, fixed_p, moving_p, results[-1] if results else None, sequence))
-        field = self._to_full(results[-1], full, final=count == len(self.stages))
+                last = index == count - 1
+                previous = results[-1] if results else None
+                results.append(self._run_stage(index, fixed_p, moving_p, previous, sequence, region if last else None))
+        final = results[-1]
+        factor = self.config.stages[count - 1].downsample
+        if region is not None:
+            if any(pad):
+                raise ValueError(f"a training region needs sizes that are multiples of {align}, got {tuple(shape)}")
+            target = tuple(factor * (s.stop - s.start) for s in region)
+            origin = tuple(factor * s.start for s in region)
+            return CascadeOutput(self._to_full(final, target, count == len(self.stages)), results, origin)
+        field = self._to_full(final, full, final=count == len(self.stages))
         return CascadeOutput(field[(slice(None), slice(None), *(slice(0, n) for n in shape))], results)
 
     def _upsample(self, tensor: torch.Tensor, shape: tuple[int, ...], is_field: bool) -> torch.Tensor:
@@ -105,7 +130,13 @@ class RWCNet(nn.Module):
         return geometry.resize_field(tensor, shape) if is_field else geometry.resize_volume(tensor, shape)
 
     def _run_stage(
-        self, index: int, fixed: torch.Tensor, moving: torch.Tensor, previous: StageResult | None, sequence: bool
+        self,
+        index: int,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        previous: StageResult | None,
+        sequence: bool,
+        region: Box | None,
     ) -> StageResult:
         config = self.config.stages[index]
         stage = self.stages[index]
@@ -124,6 +155,16 @@ class RWCNet(nn.Module):
             if self.config.reference_compat and self.training:
                 carried = carried * (self.config.stages[index - 1].downsample // config.downsample)
             state.hidden = state.hidden + carried
+        if region is not None:
+            residual, hidden, flows = stage.iterate(state, region)
+            origin = tuple(s.start for s in region)
+            return StageResult(
+                field=geometry.compose(residual, prior, origin=origin),
+                prior=prior[(slice(None), slice(None), *region)],
+                hidden=hidden,
+                sequence=[geometry.compose(flow, prior, origin=origin) for flow in flows] if sequence else [],
+                origin=origin,
+            )
         tiles = plan_tiles(grid, config.patch_factor, halo=config.halo, mode=config.tiling, alignment=2)
 
         def run(tile: Tile) -> dict[str, torch.Tensor]:

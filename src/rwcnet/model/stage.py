@@ -57,11 +57,9 @@ class RecurrentStage(nn.Module):
 
     def _moving_features(self, state: StageState, origin: tuple[int, int, int], flow: torch.Tensor) -> torch.Tensor:
         """Moving features at ``region + flow``: warped features, or features of the re-warped image."""
-        coords = geometry.identity_grid(flow.shape[2:], device=flow.device, dtype=flow.dtype)
-        coords = coords + torch.tensor(origin, device=flow.device, dtype=flow.dtype).view(1, 3, 1, 1, 1) + flow
         if self.config.rewarp == "image":
-            return self.features(geometry.sample(state.moving_image, coords))
-        return geometry.sample(state.moving_features, coords)
+            return self.features(geometry.warp(state.moving_image, flow, origin=origin))
+        return geometry.warp(state.moving_features, flow, origin=origin)
 
     def _cost(self, fixed_features: torch.Tensor, moving_features: torch.Tensor) -> torch.Tensor:
         if self.config.correlation == "none":
