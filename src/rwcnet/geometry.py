@@ -91,13 +91,19 @@ def warp_labels(labels: Tensor, field: Tensor, *, method: str = "nearest", num_c
     if method != "onehot":
         raise ValueError(f"unknown label warping method {method!r}; use 'nearest' or 'onehot'")
     values = torch.unique(labels) if num_classes is None else torch.arange(num_classes, device=labels.device)
-    best = torch.full((labels.shape[0], 1, *field.shape[2:]), -1.0, device=field.device, dtype=field.dtype)
-    result = torch.zeros((labels.shape[0], 1, *field.shape[2:]), device=labels.device, dtype=labels.dtype)
-    for value in values:
-        score = warp((labels == value).to(field.dtype), field)
+    coords = identity_grid(field.shape[2:], device=field.device, dtype=field.dtype) + field
+    out_shape = (labels.shape[0], 1, *field.shape[2:])
+    best = torch.full(out_shape, -1.0, device=field.device, dtype=field.dtype)
+    result = torch.zeros(out_shape, device=labels.device, dtype=labels.dtype)
+    chunk = max(1, 2**24 // max(1, field[0, 0].numel()))  # labels sampled together per grid_sample call
+    for start in range(0, len(values), chunk):
+        group = values[start : start + chunk]
+        onehot = (labels == group.view(1, -1, 1, 1, 1).to(labels.dtype)).to(field.dtype)
+        scores = sample(onehot, coords)
+        score, index = scores.max(dim=1, keepdim=True)
         better = score > best
         best = torch.where(better, score, best)
-        result = torch.where(better, value.to(labels.dtype), result)
+        result = torch.where(better, group.to(labels.dtype)[index], result)
     return result
 
 
