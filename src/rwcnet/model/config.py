@@ -44,12 +44,13 @@ class StageConfig(BaseModel):
     gru_kernel: int = Field(3, ge=1, le=7)
     flow_kernel: int = Field(7, ge=1, le=9, description="first convolution of the flow branch in the motion encoder")
     motion_channels: int = Field(64, ge=8, le=512, description="output channels of the motion encoder")
+    motion_out_kernel: int = Field(3, ge=1, le=5, description="kernel of the motion encoder's last convolution")
     head_channels: int = Field(128, ge=8, le=512, description="hidden width of the flow head")
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
-        if self.gru_kernel % 2 == 0 or self.flow_kernel % 2 == 0:
-            raise ValueError("gru_kernel and flow_kernel must be odd")
+        if any(k % 2 == 0 for k in (self.gru_kernel, self.flow_kernel, self.motion_out_kernel)):
+            raise ValueError("gru_kernel, flow_kernel and motion_out_kernel must be odd")
         if self.motion_channels <= 3:
             raise ValueError("motion_channels must exceed 3 (the flow is appended)")
         return self
@@ -103,14 +104,14 @@ def _cpu() -> ModelConfig:
         name="cpu",
         stages=[
             StageConfig(
-                downsample=4, iterations=8, radius=3, feature_channels=16, encoder_width=8,
-                hidden_channels=32, context_channels=16, separable_gru=True, gru_kernel=5,
-                flow_kernel=5, motion_channels=48, head_channels=48,
+                downsample=4, iterations=6, radius=3, feature_channels=16, encoder_width=8,
+                hidden_channels=24, context_channels=8, separable_gru=True, gru_kernel=3,
+                flow_kernel=3, motion_channels=24, motion_out_kernel=1, head_channels=24,
             ),
             StageConfig(
-                downsample=2, iterations=4, radius=2, feature_channels=8, encoder_width=8,
-                hidden_channels=16, context_channels=8, separable_gru=True, gru_kernel=3,
-                flow_kernel=3, motion_channels=24, head_channels=24,
+                downsample=2, iterations=3, radius=2, feature_channels=8, encoder_width=4,
+                hidden_channels=12, context_channels=4, separable_gru=True, gru_kernel=3,
+                flow_kernel=3, motion_channels=16, motion_out_kernel=1, head_channels=12,
             ),
         ],
         final_upsampling="convex",

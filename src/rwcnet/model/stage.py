@@ -41,7 +41,7 @@ class RecurrentStage(nn.Module):
         self.features = FeatureEncoder(c, config.encoder_width, model.dropout)
         self.context = ContextEncoder(config.hidden_channels, config.context_channels, config.encoder_width)
         cost_channels = 2 * c if config.correlation == "none" else (2 * config.radius + 1) ** 3
-        self.motion = MotionEncoder(cost_channels, config.motion_channels, config.flow_kernel)
+        self.motion = MotionEncoder(cost_channels, config.motion_channels, config.flow_kernel, config.motion_out_kernel)
         gru_inputs = config.motion_channels + c + config.context_channels
         self.gru = UpdateGRU(
             config.hidden_channels, gru_inputs, config.gru_kernel, config.separable_gru, model.reference_compat

@@ -14,7 +14,7 @@ class MotionEncoder(nn.Module):
     stage grid; the output ``(B, channels, X, Y, Z)`` ends with the flow itself.
     """
 
-    def __init__(self, cost_channels: int, channels: int, flow_kernel: int) -> None:
+    def __init__(self, cost_channels: int, channels: int, flow_kernel: int, out_kernel: int = 3) -> None:
         super().__init__()
         cost_mid, cost_out = channels, (3 * channels) // 4
         flow_mid, flow_out = channels // 2, channels // 4
@@ -27,7 +27,9 @@ class MotionEncoder(nn.Module):
             nn.Conv3d(flow_mid, flow_out, 3, padding=1),
             nn.ReLU(),
         )
-        self.out = nn.Sequential(nn.Conv3d(cost_out + flow_out, channels - 3, 3, padding=1), nn.ReLU())
+        self.out = nn.Sequential(
+            nn.Conv3d(cost_out + flow_out, channels - 3, out_kernel, padding=out_kernel // 2), nn.ReLU()
+        )
 
     def forward(self, cost: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         motion = self.out(torch.cat([self.cost(cost), self.flow(flow)], dim=1))
