@@ -37,6 +37,9 @@ app.command()(evaluate)
 from rwcnet.commands.apply import apply  # noqa: E402
 
 app.command()(apply)
+from rwcnet.commands.register import register  # noqa: E402
+
+app.command()(register)
 
 
 def main() -> None:

@@ -202,3 +202,24 @@ def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
     for _ in range(steps):
         field = compose(field, field)
     return field
+
+
+def resample_field(
+    field: Tensor, source_affine: Tensor, target_affine: Tensor, target_shape: Sequence[int]
+) -> Tensor:
+    """Carry a pull-back field from one physical grid to another: vectors resampled, rotated and rescaled.
+
+    ``field`` ``(B, 3, X, Y, Z)`` is in voxels of the source grid (voxel -> RAS
+    mm by ``source_affine``, 4x4); the result ``(B, 3, *target_shape)`` is in
+    voxels of the target grid. Both describe the same physical map
+    ``p -> p + d(p)``, with ``d = A_source[:3, :3] @ u_source``; it assumes the
+    moving image is resampled onto each grid alike (as ``register`` does).
+    """
+    source_affine = source_affine.to(field)
+    target_affine = target_affine.to(field)
+    to_source = torch.linalg.inv(source_affine) @ target_affine  # target voxel -> source voxel
+    grid = identity_grid(target_shape, device=field.device, dtype=field.dtype)
+    coords = torch.einsum("ij,bjxyz->bixyz", to_source[:3, :3], grid) + to_source[:3, 3].view(1, 3, 1, 1, 1)
+    sampled = sample(field, coords)
+    vectors = torch.linalg.inv(target_affine[:3, :3]) @ source_affine[:3, :3]
+    return torch.einsum("ij,bjxyz->bixyz", vectors, sampled)

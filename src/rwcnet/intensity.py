@@ -1,0 +1,33 @@
+"""Intensity normalisation presets, shared by training and registration.
+
+* ``mr``: min-max to [0, 1] over the image (the shared brains and OASIS are
+  already in [0, 1], so this leaves them unchanged).
+* ``ct``: a Hounsfield window clipped to [0, 1]: ``window`` (default,
+  -1000..600 HU, air to dense tissue, what the lungs need) or ``paper``
+  (-4000..16000, the range the RWCNet paper normalises NLST with).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from rwcnet.errors import InputError
+
+Modality = Literal["mr", "ct"]
+CT_RANGES: dict[str, tuple[float, float]] = {"window": (-1000.0, 600.0), "paper": (-4000.0, 16000.0)}
+
+
+def normalise(array: np.ndarray, modality: str, *, ct_range: str = "window") -> np.ndarray:
+    """Map intensities of an ``(X, Y, Z)`` image to [0, 1] for ``modality`` ``mr`` or ``ct``; float32."""
+    data = np.asarray(array, dtype=np.float32)
+    if modality == "mr":
+        low, high = float(data.min()), float(data.max())
+        return (data - low) / (high - low) if high > low else np.zeros_like(data)
+    if modality == "ct":
+        if ct_range not in CT_RANGES:
+            raise InputError(f"unknown CT intensity range {ct_range!r}; use one of {', '.join(CT_RANGES)}")
+        low, high = CT_RANGES[ct_range]
+        return np.clip((data - low) / (high - low), 0.0, 1.0)
+    raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
