@@ -40,6 +40,13 @@ app.command()(apply)
 from rwcnet.commands.register import register  # noqa: E402
 
 app.command()(register)
+from rwcnet.commands.demo import demo  # noqa: E402
+
+app.command()(demo)
+from rwcnet.commands.train import plot_log, train  # noqa: E402
+
+app.command()(train)
+app.command()(plot_log)
 
 
 def main() -> None:
