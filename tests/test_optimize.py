@@ -113,6 +113,14 @@ def test_bad_shapes_are_refused():
         instance_optimise(image, image, fixed_mask=torch.ones(8, 8, 8))
 
 
+def test_smoothing_equals_three_zero_padded_average_pools():
+    field = torch.randn(1, 3, 9, 12, 7, generator=torch.Generator().manual_seed(0))
+    expected = field
+    for _ in range(3):
+        expected = torch.nn.functional.avg_pool3d(expected, 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(smooth_field(field), expected, atol=1e-6, rtol=0)
+
+
 def test_smoothing_and_regulariser_against_hand_computed_values():
     field = torch.zeros(1, 3, 9, 9, 9)
     field[0, 0, 4, 4, 4] = 27.0**3

@@ -101,17 +101,6 @@ def shift_table(radius: int, *, device=None) -> Tensor:
     return torch.tensor(list(itertools.product(values, values, values)), dtype=torch.float32, device=device)
 
 
-def _box_last(cost: Tensor) -> Tensor:
-    """Zero-padded 3³ box sum (not mean) over the first three axes of ``(X, Y, Z, ...)``."""
-    for dim in range(3):
-        n = cost.shape[dim]
-        total = cost.clone()
-        total.narrow(dim, 1, n - 1).add_(cost.narrow(dim, 0, n - 1))
-        total.narrow(dim, 0, n - 1).add_(cost.narrow(dim, 1, n - 1))
-        cost = total
-    return cost
-
-
 @torch.no_grad()
 def cost_volume(fixed: Tensor, moving: Tensor, radius: int) -> Tensor:
     """Smoothed SSD cost ``(X, Y, Z, S)`` of features ``(1, C, X, Y, Z)`` for the shifts of :func:`shift_table`.
@@ -139,7 +128,7 @@ def cost_volume(fixed: Tensor, moving: Tensor, radius: int) -> Tensor:
             band = products.as_strided((x * y, z, n), (z * zp, zp + 1, 1)).view(x, y, z, n)
             squares = moving_sq[a : a + x, b : b + y].as_strided((x, y, z, n), (msx, msy, msz, msz))
             ssd = (fixed_sq + squares).sub_(band, alpha=2.0)
-            cost[:, :, :, a, b] = _box_last(_box_last(ssd)).div_(27.0**2)
+            cost[:, :, :, a, b] = box_filter(box_filter(ssd, dims=(0, 1, 2)), dims=(0, 1, 2))
     return cost.view(x, y, z, n**3)
 
 

@@ -18,6 +18,8 @@ ConvexAdam cost volume and the field smoothing, and
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,20 +41,31 @@ MIND_PAIRS = tuple(
 )
 
 
-def box_filter(volume: Tensor, radius: int = 1, *, padding: str = "zeros") -> Tensor:
-    """Mean over a ``(2r+1)³`` box; ``volume`` is ``(B, C, X, Y, Z)``, same shape returned.
+def box_filter(volume: Tensor, radius: int = 1, *, padding: str = "zeros", dims: Sequence[int] = (2, 3, 4)) -> Tensor:
+    """Mean over a ``(2r+1)³`` box along ``dims`` (the spatial axes of ``(B, C, X, Y, Z)`` by default); same shape.
 
-    ``padding="zeros"`` counts outside voxels as zero (``avg_pool3d`` with
-    ``count_include_pad``); ``"replicate"`` repeats the border voxel. Differentiable.
+    ``padding="zeros"`` counts outside voxels as zero (what
+    ``avg_pool3d(2r+1, stride=1, padding=r)`` does); ``"replicate"`` repeats
+    the border voxel. Computed separably with shifted sums; differentiable.
     """
+    if padding not in ("zeros", "replicate"):
+        raise ValueError(f"unknown padding {padding!r}; use 'zeros' or 'replicate'")
     if radius == 0:
         return volume
-    width = 2 * radius + 1
-    if padding == "zeros":
-        return F.avg_pool3d(volume, width, stride=1, padding=radius, count_include_pad=True)
-    if padding == "replicate":
-        return F.avg_pool3d(F.pad(volume, (radius,) * 6, mode="replicate"), width, stride=1)
-    raise ValueError(f"unknown padding {padding!r}; use 'zeros' or 'replicate'")
+    for dim in dims:
+        n = volume.shape[dim]
+        total = volume.clone()
+        for k in range(1, radius + 1):
+            inside = max(n - k, 0)  # voxels whose neighbour at distance k lies inside the volume
+            if inside:
+                total.narrow(dim, k, inside).add_(volume.narrow(dim, 0, inside))
+                total.narrow(dim, 0, inside).add_(volume.narrow(dim, k, inside))
+            if padding == "replicate":
+                outside = n - inside
+                total.narrow(dim, 0, outside).add_(volume.narrow(dim, 0, 1))
+                total.narrow(dim, n - outside, outside).add_(volume.narrow(dim, n - 1, 1))
+        volume = total
+    return volume / float((2 * radius + 1) ** len(dims))
 
 
 def _shifted(volume: Tensor, offset: tuple[int, int, int], pad: int) -> Tensor:
@@ -75,7 +88,7 @@ def mind_ssc(image: Tensor, radius: int = 1, dilation: int = 2, *, eps: float = 
         image = image.float()
     padded = F.pad(image, (dilation,) * 6, mode="replicate")
     neighbours = [_shifted(padded, tuple(dilation * o for o in offset), dilation) for offset in SIX_NEIGHBOURHOOD]
-    distances = torch.cat([(neighbours[i] - neighbours[j]) ** 2 for i, j in MIND_PAIRS], dim=1)
+    distances = torch.cat([neighbours[i] - neighbours[j] for i, j in MIND_PAIRS], dim=1).square_()
     distances = box_filter(distances, radius, padding="replicate")
     minimum = distances.min(dim=1, keepdim=True).values
     differentiable = torch.is_grad_enabled() and image.requires_grad

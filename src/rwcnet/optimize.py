@@ -5,7 +5,8 @@ images are averaged onto a grid ``s`` times coarser (``s`` = grid spacing,
 2 by default); the field is a parameter on that same grid, initialised from
 a given field (resized with :func:`rwcnet.geometry.resize_field`) or zero.
 Each Adam step (learning rate 1) smooths the parameter with three 3³ box
-means (zero padding, as ``avg_pool3d(3, 1, 1)``), warps the coarse moving
+means (zero padding, as ``avg_pool3d(3, 1, 1)``; computed as banded matrix
+products), warps the coarse moving
 features with it (outside the volume the features count as zero) and
 minimises
 
@@ -27,14 +28,16 @@ same field on the same device.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from rwcnet.geometry import resize_field, resize_volume, warp
-from rwcnet.mind import box_filter, fill_outside_mask, mind_ssc
+from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
+from rwcnet.mind import fill_outside_mask, mind_ssc
 
 Tensor = torch.Tensor
 #: ``progress(step, total, loss)`` is called after every Adam step.
@@ -95,11 +98,25 @@ def pad_to_multiple(volume: Tensor, multiple: int, *, mode: str = "replicate") -
     return torch.nn.functional.pad(volume, pad, mode=mode)
 
 
+def _triple_box_matrix(n: int, *, device, dtype) -> Tensor:
+    """``B³`` for the ``n × n`` matrix ``B`` of one zero-padded 3-box mean along an axis (symmetric, 7 diagonals)."""
+    index = torch.arange(n, device=device)
+    box = ((index[:, None] - index[None, :]).abs() <= 1).to(dtype) / 3.0
+    return box @ box @ box
+
+
 def smooth_field(field: Tensor) -> Tensor:
-    """Three 3³ box means with zero padding: ConvexAdam's B-spline-like smoothing of the parameter grid."""
-    for _ in range(3):
-        field = box_filter(field, 1, padding="zeros")
-    return field
+    """Three 3³ box means with zero padding (ConvexAdam's smoothing of the parameter grid) of ``(B, C, X, Y, Z)``.
+
+    The same as ``avg_pool3d(3, stride=1, padding=1)`` applied three times,
+    computed separably as one banded matrix product per axis (much faster
+    on CPU, forward and backward).
+    """
+    batch, channels, x, y, z = field.shape
+    matrices = [_triple_box_matrix(n, device=field.device, dtype=field.dtype) for n in (x, y, z)]
+    field = torch.matmul(field, matrices[2])
+    field = torch.matmul(matrices[1], field)
+    return torch.matmul(matrices[0], field.reshape(batch, channels, x, y * z)).view(batch, channels, x, y, z)
 
 
 def diffusion_loss(field: Tensor) -> Tensor:
@@ -153,6 +170,10 @@ def optimise_on_grid(
     if config.iterations == 0:
         return init_field
     with torch.no_grad():
+        identity = identity_grid(coarse_shape, device=fixed.device)
+        voxels = float(math.prod(coarse_shape))
+        root_weight = None if weight is None else weight.sqrt()
+        weighted_fixed = None if weight is None else fixed * root_weight
         total_weight = None if weight is None else weight.sum().clamp_min(1e-12)
         start = resize_field(init_field.float().to(fixed.device), coarse_shape)
     parameter = torch.nn.Parameter(start.clone())
@@ -160,9 +181,11 @@ def optimise_on_grid(
     for step in range(config.iterations):
         optimiser.zero_grad(set_to_none=True)
         field = smooth_field(parameter)
-        warped = warp(moving, field, padding_mode="zeros")
-        cost = (warped - fixed).pow(2).sum(dim=1, keepdim=True)
-        data = cost.mean() if weight is None else (cost * weight).sum() / total_weight
+        warped = sample(moving, identity + field, padding_mode="zeros")
+        if root_weight is None:
+            data = F.mse_loss(warped, fixed, reduction="sum") / voxels
+        else:
+            data = F.mse_loss(warped * root_weight, weighted_fixed, reduction="sum") / total_weight
         loss = data + config.lam * diffusion_loss(field)
         loss.backward()
         optimiser.step()
