@@ -94,11 +94,13 @@ def mind_ssd(warped: Tensor, fixed: Tensor, mask: Tensor | None = None, *, radiu
     return feature_ssd(mind_ssc(warped, radius, dilation), mind_ssc(fixed, radius, dilation), mask)
 
 
-def _dice_sums(field: Tensor, moving_labels: Tensor, fixed_labels: Tensor, values: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+def _dice_sums(
+    field: Tensor, moving_labels: Tensor, fixed_labels: Tensor, values: Tensor, mode: str, origin: Sequence[int] = (0, 0, 0)
+) -> tuple[Tensor, Tensor]:
     """Per sample and label: ``Σ warped·fixed`` and ``Σ warped + Σ fixed`` of one-hot maps, each ``(B, L)``."""
     moving_onehot = (moving_labels == values.view(1, -1, 1, 1, 1)).to(field.dtype)
     fixed_onehot = (fixed_labels == values.view(1, -1, 1, 1, 1)).to(field.dtype)
-    warped = warp(moving_onehot, field, mode=mode)
+    warped = warp(moving_onehot, field, mode=mode, origin=origin)
     intersection = (warped * fixed_onehot).sum(dim=(2, 3, 4))
     total = warped.sum(dim=(2, 3, 4)) + fixed_onehot.sum(dim=(2, 3, 4))
     return intersection, total
@@ -108,19 +110,19 @@ class _RecomputedDiceSums(torch.autograd.Function):
     """:func:`_dice_sums` that keeps no volumes for the backward pass and recomputes them there (gradient checkpointing)."""
 
     @staticmethod
-    def forward(ctx, field: Tensor, moving_labels: Tensor, fixed_labels: Tensor, values: Tensor, mode: str):
+    def forward(ctx, field: Tensor, moving_labels: Tensor, fixed_labels: Tensor, values: Tensor, mode: str, origin: tuple[int, ...]):
         ctx.save_for_backward(field, moving_labels, fixed_labels, values)
-        ctx.mode = mode
-        return _dice_sums(field, moving_labels, fixed_labels, values, mode)
+        ctx.mode, ctx.origin = mode, origin
+        return _dice_sums(field, moving_labels, fixed_labels, values, mode, origin)
 
     @staticmethod
     def backward(ctx, grad_intersection: Tensor, grad_total: Tensor):
         field, moving_labels, fixed_labels, values = ctx.saved_tensors
         with torch.enable_grad():
             leaf = field.detach().requires_grad_(True)
-            outputs = _dice_sums(leaf, moving_labels, fixed_labels, values, ctx.mode)
+            outputs = _dice_sums(leaf, moving_labels, fixed_labels, values, ctx.mode, ctx.origin)
             (grad_field,) = torch.autograd.grad(outputs, leaf, (grad_intersection, grad_total))
-        return grad_field, None, None, None, None
+        return grad_field, None, None, None, None, None
 
 
 def dice_loss(
@@ -131,6 +133,7 @@ def dice_loss(
     *,
     reference_compat: bool = False,
     chunk: int | None = None,
+    origin: Sequence[int] = (0, 0, 0),
 ) -> Tensor:
     """Soft Dice loss ``1 − mean Dice`` of the moving label map warped by ``field`` against the fixed labels.
 
@@ -149,6 +152,8 @@ def dice_loss(
     at one pass whatever the number of labels. ``reference_compat=True``
     warps with nearest-neighbour sampling, as the reference code does: the
     same value at integer displacements, but a zero gradient for the field.
+    With an ``origin``, ``field`` and ``fixed_labels`` cover a box of the fixed
+    grid whose voxel 0 is voxel ``origin`` of the moving grid (patch-wise training).
     """
     if moving_labels.dim() != 5 or moving_labels.shape[1] != 1 or fixed_labels.dim() != 5 or fixed_labels.shape[1] != 1:
         raise ValueError(f"dice_loss: labels must be (B, 1, X, Y, Z), got {tuple(moving_labels.shape)} and {tuple(fixed_labels.shape)}")
@@ -176,9 +181,9 @@ def dice_loss(
     intersections, totals = [], []
     for group in passes:
         if use_checkpoint:
-            inter, total = _RecomputedDiceSums.apply(field, moving_labels, fixed_labels, group, mode)
+            inter, total = _RecomputedDiceSums.apply(field, moving_labels, fixed_labels, group, mode, tuple(origin))
         else:
-            inter, total = _dice_sums(field, moving_labels, fixed_labels, group, mode)
+            inter, total = _dice_sums(field, moving_labels, fixed_labels, group, mode, origin)
         intersections.append(inter)
         totals.append(total)
     dice = 2.0 * torch.cat(intersections, dim=1) / torch.cat(totals, dim=1).clamp_min(torch.finfo(field.dtype).tiny)
@@ -314,11 +319,12 @@ def _single_total(
     spacing: Sequence[float] | Tensor | None,
     mask: Tensor | None,
     stage_factor: float,
+    origin: Sequence[int],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum and unweighted terms for one field."""
     terms: dict[str, Tensor] = {}
     if config.mse or config.ncc or config.mind:
-        warped = warp(moving, field)
+        warped = warp(moving, field, origin=origin)
         if config.mse:
             terms["mse"] = mse(warped, fixed, mask)
         if config.ncc:
@@ -327,10 +333,13 @@ def _single_total(
             terms["mind"] = mind_ssd(warped, fixed, mask)
     if config.dice:
         _require("dice", fixed_labels=fixed_labels, moving_labels=moving_labels)
-        terms["dice"] = dice_loss(moving_labels, fixed_labels, field, reference_compat=config.dice_reference_compat)
+        terms["dice"] = dice_loss(
+            moving_labels, fixed_labels, field, reference_compat=config.dice_reference_compat, origin=origin
+        )
     if config.tre:
         _require("tre", fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints, spacing=spacing)
-        terms["tre"] = tre_loss(field, fixed_keypoints, moving_keypoints, spacing, scale=stage_factor)
+        shift = torch.as_tensor(list(origin), dtype=field.dtype, device=field.device)
+        terms["tre"] = tre_loss(field, fixed_keypoints - shift, moving_keypoints - shift, spacing, scale=stage_factor)
     if config.regulariser:
         terms["regulariser"] = gradient_regulariser(field, config.regulariser_kind)
     total = sum(getattr(config, name) * value for name, value in terms.items())
@@ -352,6 +361,7 @@ def total_loss(
     spacing: Sequence[float] | Tensor | None = None,
     mask: Tensor | None = None,
     stage_factor: float = 1,
+    origin: Sequence[int] = (0, 0, 0),
 ) -> tuple[Tensor, dict[str, float]]:
     """The weighted training loss of a field and its named terms.
 
@@ -361,6 +371,10 @@ def total_loss(
     integer maps, keypoints ``(B, N, 3)`` voxels of the field's grid,
     ``spacing`` that grid's voxel size in mm, ``mask`` ``(B, 1, X, Y, Z)``
     restricts the image terms. ``stage_factor`` (4 / 2 / 1) scales the TRE.
+    ``origin`` (patch-wise training): ``field``, ``fixed``, ``fixed_labels`` and
+    ``mask`` cover a box of the fixed grid whose voxel 0 is voxel ``origin`` of
+    the whole grid; ``moving`` and ``moving_labels`` stay whole and keypoints
+    stay in whole-grid voxels (points should lie inside the box).
 
     Terms with weight 0 are skipped; a term with a non-zero weight whose
     inputs are missing raises ``ValueError``. ``field`` may be the list of
@@ -376,7 +390,7 @@ def total_loss(
         raise ValueError("total_loss needs a field (or a non-empty list of per-iteration fields)")
     if config.sequence_gamma is None:
         fields = fields[-1:]
-    inputs = (fixed_labels, moving_labels, fixed_keypoints, moving_keypoints, spacing, mask, stage_factor)
+    inputs = (fixed_labels, moving_labels, fixed_keypoints, moving_keypoints, spacing, mask, stage_factor, tuple(origin))
     results = [_single_total(config, fixed, moving, one, *inputs) for one in fields]
     losses = [loss for loss, _ in results]
     loss = losses[0] if len(losses) == 1 else sequence_loss(losses, config.sequence_gamma)

@@ -1,0 +1,282 @@
+"""Training configuration: one validated object, read from YAML or a preset name.
+
+A :class:`TrainingConfig` holds the network preset, the stage schedule
+(paper Table 1: one *phase* per trained stage, coarser stages frozen), the
+loss weights (:class:`rwcnet.losses.LossConfig`), the data (a Learn2Reg
+folder, semi-synthetic and real pairs, intensity normalisation), the
+held-out validation pairs and the checkpoint cadence.
+
+Presets (:func:`training_preset`):
+
+* ``oasis`` and ``nlst`` — the paper's schedules and losses for the ``reference``
+  network (a GPU job: 30000 / 45000 / 60000 steps); give the data folder with ``--data``.
+* ``cpu-brain`` — the ``cpu`` network on ``../shared/data/brain`` within about two
+  hours on 2 cores: semi-synthetic pairs from the unlabelled subjects plus real
+  pairs among them; the labelled pair 0001/0002 is never seen in training or
+  checkpoint selection and is scored once at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rwcnet.errors import InputError
+from rwcnet.losses import LossConfig, loss_config
+from rwcnet.model.config import ModelConfig, model_preset
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PhaseConfig(_Strict):
+    """One training phase: which network stage trains, for how long, on what patches, at what resolution."""
+
+    stage: int = Field(ge=1, description="network stage trained (1 = coarsest); earlier stages are frozen")
+    steps: int = Field(ge=0, description="optimiser steps of this phase")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate (paper: 3e-4)")
+    batch_size: int = Field(1, ge=1, description="global batch (samples per optimiser step, all processes)")
+    patch: float | tuple[int, int, int] | None = Field(
+        None, description="training region on the stage grid: None = whole grid, a fraction per axis, or a size in voxels"
+    )
+    loss_grid: Literal["stage", "full"] = Field(
+        "full", description="compute the loss on the stage grid (cheap) or at full resolution (trains the upsampler)"
+    )
+
+    @field_validator("patch")
+    @classmethod
+    def _patch(cls, value):
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError(f"a patch fraction must be in (0, 1], got {value}")
+        if isinstance(value, tuple) and min(value) < 2:
+            raise ValueError(f"a patch size must be at least 2 voxels per axis, got {value}")
+        return value
+
+
+class IntensityConfig(_Strict):
+    """Intensity perturbation of the warped image (:func:`rwcnet.synthetic.intensity_perturbation`)."""
+
+    bias_strength: float = Field(0.1, ge=0)
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = Field(0.01, ge=0)
+
+
+class SyntheticConfig(_Strict):
+    """Semi-synthetic pairs: an image and its copy warped by a known smooth random deformation.
+
+    The largest displacement (mm) and the smoothness (Gaussian std, mm) are
+    drawn uniformly per sample from the given ranges. The deformation is
+    made on a grid ``generation_downsample`` times coarser (it is smooth on
+    the scale of ``smoothness_mm``) and brought to full resolution trilinearly.
+    """
+
+    magnitude_mm: tuple[float, float] = (2.0, 8.0)
+    smoothness_mm: tuple[float, float] = (15.0, 30.0)
+    min_jacobian: float = Field(0.1, ge=0, lt=1)
+    generation_downsample: int = Field(2, ge=1, le=8)
+    intensity: IntensityConfig | None = IntensityConfig()
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SyntheticConfig":
+        for name in ("magnitude_mm", "smoothness_mm"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be a range 0 < low <= high, got {(lo, hi)}")
+        return self
+
+
+class Normalisation(_Strict):
+    """Intensity normalisation: ``none`` (as stored), ``range`` ``(I − low)/(high − low)``, ``window`` (clipped range)."""
+
+    kind: Literal["none", "range", "window"] = "none"
+    low: float = 0.0
+    high: float = 1.0
+
+    @model_validator(mode="after")
+    def _order(self) -> "Normalisation":
+        if self.kind != "none" and not self.high > self.low:
+            raise ValueError(f"normalisation needs high > low, got {self.low}, {self.high}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the training pairs come from."""
+
+    dataset: str = Field(description="Learn2Reg folder (or its dataset JSON)")
+    images: list[str] | None = Field(
+        None, description="image ids used for training; default: training images outside registration_val/test"
+    )
+    exclude: list[str] = Field(default_factory=list, description="image ids never used for training or validation")
+    real_fraction: float = Field(0.0, ge=0, le=1, description="share of samples that are real pairs (image loss only)")
+    synthetic: SyntheticConfig | None = SyntheticConfig()
+    normalisation: Normalisation = Normalisation()
+    foreground_threshold: float | None = Field(
+        0.0, description="normalised intensity above which a voxel is foreground (patch centres, validation EPE); None = all"
+    )
+    num_workers: int = Field(0, ge=0, description="data-loading processes; 0 = generate in the main process")
+    cache_images: int = Field(16, ge=1, description="images kept in memory")
+
+    @model_validator(mode="after")
+    def _source(self) -> "DataConfig":
+        if self.synthetic is None and self.real_fraction < 1.0:
+            raise ValueError("without synthetic pairs real_fraction must be 1")
+        return self
+
+
+class ValidationConfig(_Strict):
+    """Held-out semi-synthetic pairs (fixed seeds, stronger deformations) for checkpoint selection."""
+
+    pairs: int = Field(2, ge=0)
+    seed: int = 1_000_003
+    magnitude_mm: float = Field(10.0, gt=0)
+    smoothness_mm: float = Field(20.0, gt=0)
+    every: int = Field(50, ge=1, description="validate every this many steps (and at the end of each phase)")
+    select: Literal["best", "last"] = Field("best", description="weights kept at the end of a phase")
+
+
+class TrainingConfig(_Strict):
+    """Everything a training run needs except the output folder."""
+
+    name: str = "custom"
+    model: str | ModelConfig = "cpu"
+    seed: int = 0
+    phases: list[PhaseConfig]
+    losses: LossConfig = LossConfig(dice=0.0)
+    supervised: float = Field(0.0, ge=0, description="weight of the endpoint error (mm) against a known field")
+    data: DataConfig
+    validation: ValidationConfig = ValidationConfig()
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (a crash loses at most this many)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+    report: bool = Field(True, description="score the dataset's registration_val pairs with the final model")
+    print_every: int = Field(10, ge=1, description="steps between plain progress lines when not on a terminal")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        count = len(self.network().stages)
+        for phase in self.phases:
+            if phase.stage > count:
+                raise ValueError(f"phase trains stage {phase.stage} but the network has {count} stages")
+            if phase.loss_grid == "stage" and (self.losses.dice or self.losses.tre):
+                raise ValueError("dice and tre losses need loss_grid: full")
+        return self
+
+    def network(self) -> ModelConfig:
+        """The network configuration (a preset name resolved)."""
+        return model_preset(self.model) if isinstance(self.model, str) else self.model
+
+    @property
+    def total_steps(self) -> int:
+        return sum(phase.steps for phase in self.phases)
+
+
+def _oasis() -> TrainingConfig:
+    return TrainingConfig(
+        name="oasis",
+        model="reference",
+        phases=[
+            PhaseConfig(stage=1, steps=30000, patch=None),
+            PhaseConfig(stage=2, steps=45000, patch=0.5),
+            PhaseConfig(stage=3, steps=60000, patch=0.5),
+        ],
+        losses=loss_config("oasis"),
+        data=DataConfig(dataset="OASIS", real_fraction=1.0, synthetic=None),
+        validation=ValidationConfig(pairs=4, every=1000),
+        checkpoint_every=500,
+    )
+
+
+def _nlst() -> TrainingConfig:
+    return TrainingConfig(
+        name="nlst",
+        model="reference",
+        phases=[
+            PhaseConfig(stage=1, steps=30000, patch=None),
+            PhaseConfig(stage=2, steps=45000, patch=0.5),
+            PhaseConfig(stage=3, steps=60000, patch=0.5),
+        ],
+        losses=loss_config("nlst"),
+        data=DataConfig(
+            dataset="NLST",
+            real_fraction=1.0,
+            synthetic=None,
+            normalisation=Normalisation(kind="range", low=-4000.0, high=16000.0),
+            foreground_threshold=None,
+        ),
+        validation=ValidationConfig(pairs=4, every=1000, magnitude_mm=15.0, smoothness_mm=30.0),
+        checkpoint_every=500,
+    )
+
+
+def _cpu_brain() -> TrainingConfig:
+    # Steps are set so the whole preset fits 2 hours on 2 cores; see TRAINING_TIMES for the measured s/step.
+    return TrainingConfig(
+        name="cpu-brain",
+        model="cpu",
+        phases=[
+            PhaseConfig(stage=1, steps=CPU_BRAIN_STEPS[0], patch=None, loss_grid="stage"),
+            PhaseConfig(stage=2, steps=CPU_BRAIN_STEPS[1], patch=(40, 48, 56), loss_grid="full"),
+        ],
+        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        supervised=0.05,
+        data=DataConfig(
+            dataset="../shared/data/brain",
+            exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"],
+            real_fraction=0.25,
+            synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)),
+        ),
+        validation=ValidationConfig(pairs=2, every=40, magnitude_mm=8.0, smoothness_mm=20.0),
+        checkpoint_every=5,
+        threads=2,
+    )
+
+
+#: Steps of the two ``cpu-brain`` phases (stage 1 whole volume at 1/4, stage 2 on 1/2-resolution patches).
+CPU_BRAIN_STEPS = (300, 150)
+
+TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain}
+
+
+def training_preset(name: str) -> TrainingConfig:
+    """A training preset by name: ``oasis``, ``nlst`` or ``cpu-brain``."""
+    if name not in TRAINING_PRESETS:
+        raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
+    return TRAINING_PRESETS[name]()
+
+
+def load_config(source: str | Path) -> TrainingConfig:
+    """A preset name or a YAML file, validated; :class:`InputError` names the file and the problem."""
+    if str(source) in TRAINING_PRESETS:
+        return training_preset(str(source))
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{path}: no such training config file (presets: {', '.join(TRAINING_PRESETS)})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise InputError(f"{path}: cannot read the YAML training config ({error})") from error
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a training config must be a YAML mapping")
+    if "preset" in data:
+        base = training_preset(str(data.pop("preset"))).model_dump(mode="json")
+        data = _merge(base, data)
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as error:
+        raise InputError(f"{path}: invalid training config: {error}") from error
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` updated recursively by ``changes`` (mappings merged, other values replaced)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def dump_config(config: TrainingConfig) -> str:
+    """The config as YAML text (loads back to an equal config)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

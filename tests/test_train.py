@@ -1,0 +1,214 @@
+"""Training: exact resume (also after SIGTERM), per-sample data, torchrun equivalence, config files, plots, losses with an origin."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy import ndimage
+
+from rwcnet import geometry
+from rwcnet.errors import InputError
+from rwcnet.losses import LossConfig, total_loss
+from rwcnet.model import load_model
+from rwcnet.train import train
+from rwcnet.train_config import TrainingConfig, dump_config, load_config, training_preset
+from rwcnet.train_data import TrainingData, sample_indices
+from rwcnet.train_log import plot_log, read_log
+
+SHAPE = (32, 32, 32)
+
+
+def write_dataset(root: Path, cases: int = 5) -> Path:
+    """A Learn2Reg folder ``TOY``: smooth random 32^3 images; 0001/0002 labelled and the validation pair."""
+    rng = np.random.default_rng(3)
+    training = []
+    for case in range(1, cases + 1):
+        name = f"TOY_{case:04d}_0000"
+        image = ndimage.gaussian_filter(rng.random(SHAPE), 2.0)
+        image = (image - image.min()) / (image.max() - image.min())
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), str(root / "imagesTr" / f"{name}.nii.gz"))
+        entry = {"image": f"./imagesTr/{name}.nii.gz"}
+        if case <= 2:
+            labels = ((image > 0.5).astype(np.int16) + 2 * (image > 0.7)).astype(np.int16)
+            (root / "labelsTr").mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(labels, np.eye(4)), str(root / "labelsTr" / f"{name}.nii.gz"))
+            entry["label"] = f"./labelsTr/{name}.nii.gz"
+        training.append(entry)
+    meta = {"name": "TOY", "pairings": "unpaired", "evaluation_labels": [1, 2], "training": training,
+            "registration_val": [{"fixed": "./imagesTr/TOY_0001_0000.nii.gz", "moving": "./imagesTr/TOY_0002_0000.nii.gz"}]}
+    (root / "TOY_dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_config(dataset: Path, steps=(10, 10), batch_size: int = 1, **changes) -> dict:
+    stage = dict(iterations=2, radius=1, feature_channels=4, encoder_width=4, hidden_channels=8, context_channels=4,
+                 motion_channels=12, head_channels=8, flow_kernel=3)
+    config = {
+        "name": "tiny",
+        "model": {"name": "tiny", "final_upsampling": "convex", "dropout": 0.2,
+                  "stages": [dict(stage, downsample=4, separable_gru=True), dict(stage, downsample=2, hidden_channels=6)]},
+        "phases": [{"stage": 1, "steps": steps[0], "loss_grid": "stage", "batch_size": batch_size},
+                   {"stage": 2, "steps": steps[1], "patch": [8, 8, 8], "loss_grid": "full", "batch_size": batch_size}],
+        "losses": {"mse": 10.0, "dice": 0.0, "regulariser": 0.1, "sequence_gamma": 0.8},
+        "supervised": 0.05,
+        "data": {"dataset": str(dataset), "real_fraction": 0.3,
+                 "synthetic": {"magnitude_mm": [1.0, 3.0], "smoothness_mm": [6.0, 10.0]}},
+        "validation": {"pairs": 1, "every": 4, "magnitude_mm": 3.0, "smoothness_mm": 8.0},
+        "checkpoint_every": 3,
+        "report": False,
+        "threads": 1,  # two threads per process oversubscribe a shared 2-core machine badly
+    }
+    config.update(changes)
+    return config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("toy"))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_model(folder / "model.pt")[0].state_dict()
+
+
+def train_records(folder: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder / "log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory) -> Path:
+    """20 steps (10 per stage) in one go."""
+    output = tmp_path_factory.mktemp("straight")
+    summary = train(TrainingConfig.model_validate(tiny_config(dataset)), output, progress=False)
+    assert summary["status"] == "finished"
+    return output
+
+
+def test_interrupted_and_resumed_training_gives_identical_weights(dataset, straight, tmp_path):
+    config = TrainingConfig.model_validate(tiny_config(dataset))
+    assert train(config, tmp_path, max_steps=7, progress=False)["status"] == "stopped"  # mid stage 1, between checkpoints
+    assert not (tmp_path / "model.pt").exists()
+    assert train(config, tmp_path, resume=True, max_steps=6, progress=False)["status"] == "stopped"  # mid stage 2
+    assert train(config, tmp_path, resume=True, progress=False)["status"] == "finished"
+    expected, got = weights(straight), weights(tmp_path)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert train_records(tmp_path) == train_records(straight)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_is_exact(dataset, straight, tmp_path):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(dataset)))
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "rwcnet", "train", str(config_path), "-o", str(run), "--quiet"],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and sum(1 for _ in log.open()) >= 4:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "continue with --resume" in stderr
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["phase"], checkpoint["step"]) < (1, 10)
+    train(load_config(config_path), run, resume=True, progress=False)
+    expected, got = weights(straight), weights(run)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_new_run_refuses_a_folder_with_a_checkpoint_and_resume_refuses_another_config(dataset, straight):
+    config = TrainingConfig.model_validate(tiny_config(dataset))
+    with pytest.raises(InputError, match="--resume"):
+        train(config, straight, progress=False)
+    other = TrainingConfig.model_validate(tiny_config(dataset, seed=5))
+    with pytest.raises(InputError, match="another training config"):
+        train(other, straight, resume=True, progress=False)
+
+
+def test_samples_are_pure_functions_of_their_index_and_keep_held_out_images_out(dataset):
+    config = TrainingConfig.model_validate(tiny_config(dataset))
+    data = TrainingData(config, alignment=8)
+    assert data.image_ids == ["TOY_0003_0000", "TOY_0004_0000", "TOY_0005_0000"]
+    assert all("0001" not in p.key and "0002" not in p.key for p in data.pairs)
+    phase = config.phases[1]
+    first, again = data.sample(1, phase, 2, 5), TrainingData(config, alignment=8).sample(1, phase, 2, 5)
+    assert torch.equal(first.fixed, again.fixed) and first.region == again.region and first.seed == again.seed
+    assert all(s.stop - s.start == 8 for s in first.region)
+    synthetic = next(s for s in (data.sample(1, phase, 2, i) for i in range(20)) if s.truth is not None)
+    # the truth is exact: the moving image warped by it is the fixed image (before the intensity perturbation)
+    plain = TrainingData(TrainingConfig.model_validate(tiny_config(
+        dataset, data={"dataset": str(dataset), "synthetic": {"intensity": None}})), alignment=8)
+    sample = plain.sample(0, config.phases[0], 4, 0)
+    torch.testing.assert_close(geometry.warp(sample.moving, sample.truth), sample.fixed)
+    assert synthetic.key.startswith("synthetic:TOY_000")
+    assert sample_indices(3, 4, rank=1, world_size=2) == [14, 15]
+
+
+def test_configs_load_from_presets_and_yaml_and_errors_name_the_file(tmp_path):
+    for name in ("oasis", "nlst", "cpu-brain"):
+        preset = training_preset(name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(dump_config(preset))
+        assert load_config(path) == preset
+    assert "BRAIN_0001_0000" in training_preset("cpu-brain").data.exclude
+    derived = tmp_path / "derived.yaml"
+    derived.write_text("preset: cpu-brain\nseed: 7\nvalidation: {pairs: 1}\n")
+    loaded = load_config(derived)
+    assert loaded.seed == 7 and loaded.validation.pairs == 1 and loaded.validation.every == 40
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: cpu-brain\nphases: [{stage: 3, steps: 1}]\n")
+    with pytest.raises(InputError, match="(?s)bad.yaml.*network has 2 stages"):
+        load_config(bad)
+    with pytest.raises(InputError, match="no such training config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_plot_log_writes_a_png(straight, tmp_path):
+    from typer.testing import CliRunner
+
+    from rwcnet.cli import app
+
+    result = CliRunner().invoke(app, ["plot-log", str(straight / "log.jsonl"), "--output", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plotted = plot_log(straight / "log.jsonl", tmp_path / "d.png")
+    assert {"train/total", "train/mse", "validation/epe"} <= set(plotted)
+
+
+def test_total_loss_with_an_origin_equals_the_loss_of_the_cropped_problem():
+    generator = torch.Generator().manual_seed(0)
+    moving = torch.rand(1, 1, 12, 12, 12, generator=generator)
+    labels = (moving * 3).long()
+    field = torch.randn(1, 3, 12, 12, 12, generator=generator)
+    box = (slice(None), slice(None), slice(2, 8), slice(3, 9), slice(4, 10))
+    config = LossConfig(mse=1.0, dice=1.0, regulariser=0.0)
+    whole_warp = geometry.warp(moving, field)
+    fixed = torch.rand(1, 1, 12, 12, 12, generator=generator)
+    loss, terms = total_loss(config, fixed=fixed[box], moving=moving, field=field[box], origin=(2, 3, 4),
+                             fixed_labels=labels[box], moving_labels=labels)
+    expected = ((whole_warp[box] - fixed[box]) ** 2).mean()
+    torch.testing.assert_close(torch.tensor(terms["mse"]), expected)
+    assert terms["dice"] < 1.0 and torch.isfinite(loss)
