@@ -410,11 +410,11 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                 if validating and due(state["step"]) and state["validated"] != state["step"]:
                     run_validation(phase_index, phase)
                 factor = model.config.stages[stage].downsample
+                start = time.monotonic()  # a step's time includes making its samples
                 for samples in iterate_steps(data, phase_index, phase, factor, state["step"], env.rank, env.world):
                     if max_steps is not None and steps_this_call >= max_steps:
                         status = "stopped"
                         break
-                    start = time.monotonic()
                     terms_sum: dict[str, float] = {}
                     for j, sample in enumerate(samples):
                         sync = j == len(samples) - 1 or env.world == 1
@@ -440,6 +440,7 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                     if state["step"] % config.checkpoint_every == 0 and state["step"] < phase.steps:
                         with signals.critical():
                             save()
+                    start = time.monotonic()
                 if status == "stopped":
                     with signals.critical():
                         save()
