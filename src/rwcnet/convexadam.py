@@ -20,7 +20,14 @@ The steps (SPEC §6), all on the fixed grid, fields in voxels, pull-back:
 The cost volume is built one shift slab at a time, never as the
 channels × shifts × voxels tensor, and the coupled argmin runs in
 chunks of voxels. Sizes that are not a multiple of the grid spacings
-are padded (border repeated) and the field cropped back.
+are padded (border repeated) and the field cropped back (the official
+code drops the last voxels of each axis from the coarse grid and then
+stretches the coarse field over the whole image). Inverse consistency
+and the Adam stage warp with exact voxel coordinates (the official code
+normalises by ``(n−1)/2`` but samples with ``align_corners=False``, a
+stretch by ``n/(n−1)``). Otherwise the steps are the official ones; the
+cost volume and coupled-convex result agree with the official functions
+to float precision (see ``tests/test_convexadam.py``).
 """
 
 from __future__ import annotations
