@@ -316,7 +316,8 @@ def _load_checkpoint(path: Path, config: TrainingConfig) -> dict[str, Any]:
 
 def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, stages: list[int] | None = None,
           max_steps: int | None = None, init: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``config`` into the folder ``output``; returns a summary (``status``: finished or stopped).
+    """Train ``config`` into the folder ``output``; returns a summary (``status``: finished or stopped,
+    ``network``: the trained :class:`RWCNet`, ``model``/``report`` when finished on rank 0).
 
     ``resume`` continues from ``output/checkpoint.pt``; ``stages`` (1-based)
     restricts the run to the phases training those stages; ``max_steps``
@@ -415,21 +416,22 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                     if max_steps is not None and steps_this_call >= max_steps:
                         status = "stopped"
                         break
-                    terms_sum: dict[str, float] = {}
+                    sums: dict[str, tuple[float, int]] = {}
                     for j, sample in enumerate(samples):
                         sync = j == len(samples) - 1 or env.world == 1
                         with (contextlib.nullcontext() if sync else net.no_sync()):
                             loss, terms = sample_loss(net, config, phase, sample, device)
                             (loss / len(samples)).backward()
                         for name, value in terms.items():
-                            terms_sum[name] = terms_sum.get(name, 0.0) + value / len(samples)
+                            total, count = sums.get(name, (0.0, 0))
+                            sums[name] = (total + value, count + 1)
                     with signals.critical():
                         optimiser.step()
                         optimiser.zero_grad(set_to_none=True)
                         state["step"] += 1
                         state["optimizer"] = optimiser.state_dict()
                         steps_this_call += 1
-                        terms = _mean_over_processes(terms_sum, env)
+                        terms = _mean_over_samples(sums, env)
                         boundary_rng = _rng_state()
                         if log is not None:
                             log.write({"kind": "train", "phase": phase_index, "stage": phase.stage, "step": state["step"],
@@ -456,7 +458,8 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
             raise
     bar.close()
     wall = state["wall_seconds"] + time.monotonic() - session_start
-    summary: dict[str, Any] = {"status": status, "steps_this_call": steps_this_call, "wall_seconds": wall, "output": str(output)}
+    summary: dict[str, Any] = {"status": status, "steps_this_call": steps_this_call, "wall_seconds": wall,
+                               "output": str(output), "network": model}
     if status == "finished" and env.main:
         summary.update(_finish(model, config, data, output, wall, device, env))
     if log is not None:
@@ -464,13 +467,17 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
     return summary
 
 
-def _mean_over_processes(terms: dict[str, float], env: _Dist) -> dict[str, float]:
-    if env.world == 1:
-        return terms
-    names = sorted(terms)
-    values = torch.tensor([terms[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {n: float(v) / env.world for n, v in zip(names, values)}
+def _mean_over_samples(sums: dict[str, tuple[float, int]], env: _Dist) -> dict[str, float]:
+    """Mean of each logged term over the samples of the global batch that have it (``epe``: synthetic ones only)."""
+    if env.world > 1:
+        gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(env.world)]
+        dist.all_gather_object(gathered, sums)
+        sums = {}
+        for part in gathered:
+            for name, (total, count) in part.items():
+                previous = sums.get(name, (0.0, 0))
+                sums[name] = (previous[0] + total, previous[1] + count)
+    return {name: total / count for name, (total, count) in sorted(sums.items())}
 
 
 def _finish(model: RWCNet, config: TrainingConfig, data: TrainingData, output: Path, wall: float,
