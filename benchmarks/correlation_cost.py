@@ -1,13 +1,13 @@
 """Cost of the local correlation volume: time and peak memory, ours vs a naive autograd loop.
 
 Prints, for the "dot" and "sad" kinds at one feature size (default 40x48x56, C = 32, r = 3,
-2 threads): forward time, forward+backward time (median of ``--repeats`` runs) and the peak
-resident memory the runs add, for ``rwcnet.model.correlation.local_correlation`` and for a
-plain Python loop over shifts with autograd. Each measurement runs in a fresh subprocess so
-the peak (``ru_maxrss``, before vs after) is clean. The upstream gradient is allocated before
-the "before" reading, so the added memory is what the correlation itself needs.
+2 threads): forward time, forward+backward wall and CPU time (median of ``--repeats`` runs)
+and the peak resident memory the runs add, for ``rwcnet.model.correlation.local_correlation``
+and for a plain Python loop over shifts with autograd. Each measurement runs in a fresh
+subprocess so the peak (``ru_maxrss``, before vs after) is clean. The upstream gradient is
+allocated before the "before" reading, so the added memory is what the correlation needs.
 
-    python benchmarks/correlation_cost.py [--size 40 48 56] [--channels 32] [--radius 3]
+    [OMP_WAIT_POLICY=PASSIVE] python benchmarks/correlation_cost.py [--size 40 48 56] [--channels 32] [--radius 3]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def naive_correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: int, ki
     sx, sy, sz = fixed.shape[2:]
     channels = []
     for d0, d1, d2 in shift_offsets(radius):
-        shifted = padded[:, :, d0 + radius : d0 + radius + sx, d1 + radius : d1 + radius + sy, d2 + radius : d2 + radius + sz]
+        a, b, c = d0 + radius, d1 + radius, d2 + radius
+        shifted = padded[:, :, a : a + sx, b : b + sy, c : c + sz]
         if kind == "dot":
             channels.append((fixed * shifted).sum(1) / math.sqrt(fixed.shape[1]))
         else:
@@ -61,7 +62,7 @@ def worker(impl: str, kind: str, size: list[int], channels: int, radius: int, re
     moving = torch.randn(1, channels, *size, requires_grad=True)
     grad_out = torch.randn(1, (2 * radius + 1) ** 3, *size)
     before = _peak_mb()
-    forward, both = [], []
+    forward, both, both_cpu = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.no_grad():
@@ -70,12 +71,14 @@ def worker(impl: str, kind: str, size: list[int], channels: int, radius: int, re
         del out
     for _ in range(repeats):
         fixed.grad = moving.grad = None
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         function(fixed, moving, radius, kind).backward(grad_out)
         both.append(time.perf_counter() - start)
+        both_cpu.append(time.process_time() - start_cpu)
     return {
         "forward_s": statistics.median(forward),
         "forward_backward_s": statistics.median(both),
+        "forward_backward_cpu_s": statistics.median(both_cpu),
         "peak_added_mb": _peak_mb() - before,
     }
 
@@ -96,19 +99,26 @@ def main() -> None:
     print(
         f"local correlation, features 1x{args.channels}x{'x'.join(map(str, args.size))}, r={args.radius} "
         f"({(2 * args.radius + 1) ** 3} shifts), float32, 2 threads, median of {args.repeats}; "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at start {os.getloadavg()[0]:.1f}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+        f"load average at start {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'kind':<5} {'implementation':<15} {'forward s':>10} {'fwd+bwd s':>10} {'peak added MB':>14}")
+    header = ("kind", "implementation", "forward s", "fwd+bwd s", "fwd+bwd CPU s", "peak added MB")
+    print(f"{header[0]:<5} {header[1]:<15} {header[2]:>10} {header[3]:>10} {header[4]:>14} {header[5]:>14}")
     for kind in KINDS:
         for impl in args.impl:
             command = [sys.executable, __file__, "--worker", impl, kind, "--repeats", str(args.repeats), *common]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             print(
                 f"{kind:<5} {impl:<15} {result['forward_s']:>10.2f} {result['forward_backward_s']:>10.2f} "
+                f"{result['forward_backward_cpu_s']:>14.2f} "
                 f"{result['peak_added_mb']:>14.0f}",
                 flush=True,
             )
-    print(f"load average at end {os.getloadavg()[0]:.1f} (2 cores; other processes inflate the times)")
+    print(
+        f"load average at end {os.getloadavg()[0]:.1f}. Wall times are inflated when other processes share "
+        "the 2 cores; fwd+bwd CPU s is the process CPU time of both threads (inflated by OpenMP spinning "
+        "unless OMP_WAIT_POLICY=PASSIVE)."
+    )
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def test_channel_order_and_zero_shift() -> None:
 @pytest.mark.parametrize("radius", [1, 2])
 def test_gradients_match_per_shift_autograd(kind: str, radius: int, slabs: None) -> None:
     fixed, moving = _features((2, 3, 5, 6, 7), seed=11 + radius)
-    weights = torch.randn((2, (2 * radius + 1) ** 3, 5, 6, 7), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    weights = torch.randn((2, (2 * radius + 1) ** 3, 5, 6, 7), generator=generator, dtype=torch.float64)
     grads = []
     for function in (local_correlation, _torch_per_shift):
         f = fixed.clone().requires_grad_(True)

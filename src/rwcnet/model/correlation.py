@@ -91,7 +91,7 @@ def _box(volume: Tensor, out: Tensor) -> Tensor:
 
 
 def _shift_views(padded: Tensor, x0: int, x1: int, radius: int, spatial: tuple[int, int, int]) -> list[Tensor]:
-    """Views ``(B, C, x1-x0, Y, Z)`` of the padded features at ``x + d`` for every shift, fixed voxels ``[x0, x1)``.
+    """Views ``(B, C, x1-x0, Y, Z)`` of the padded features at ``x + d``, fixed voxels ``[x0, x1)``.
 
     One ``as_strided`` per shift (cheaper than chained slicing in the hot loop); channel order
     as :func:`shift_offsets`. Works for any tensor laid out like ``padded`` (e.g. its gradient).
@@ -100,9 +100,8 @@ def _shift_views(padded: Tensor, x0: int, x1: int, radius: int, spatial: tuple[i
     size = (padded.shape[0], padded.shape[1], x1 - x0, spatial[1], spatial[2])
     base = padded.storage_offset() + x0 * sx
     span = range(2 * radius + 1)
-    return [
-        padded.as_strided(size, padded.stride(), base + a * sx + b * sy + c * sz) for a in span for b in span for c in span
-    ]
+    offsets = [base + a * sx + b * sy + c * sz for a in span for b in span for c in span]
+    return [padded.as_strided(size, padded.stride(), offset) for offset in offsets]
 
 
 def _prepare(fixed: Tensor, moving: Tensor, radius: int, scale: float) -> tuple[Tensor, Tensor]:
