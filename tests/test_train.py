@@ -139,6 +139,16 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(dataset, straight, tmp_
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+def test_stage_option_trains_only_that_stage_from_an_initial_model(dataset, straight, tmp_path):
+    config = TrainingConfig.model_validate(tiny_config(dataset))
+    summary = train(config, tmp_path, stages=[2], init=straight / "model.pt", max_steps=2, progress=False)
+    assert summary["status"] == "stopped"
+    start, now = weights(straight), summary["network"].state_dict()
+    assert all(torch.equal(start[name], now[name]) for name in start if name.startswith("stages.0."))
+    assert not all(torch.equal(start[name], now[name]) for name in start if name.startswith("stages.1."))
+    assert {r["stage"] for r in read_log(tmp_path / "log.jsonl")} == {2}
+
+
 def test_a_new_run_refuses_a_folder_with_a_checkpoint_and_resume_refuses_another_config(dataset, straight):
     config = TrainingConfig.model_validate(tiny_config(dataset))
     with pytest.raises(InputError, match="--resume"):
