@@ -260,3 +260,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(dataset, tmp
     logged = [r["total"] for r in read_log(tmp_path / "ddp" / "log.jsonl") if r["kind"] == "train"]
     expected = [r["total"] for r in read_log(tmp_path / "single" / "log.jsonl") if r["kind"] == "train"]
     np.testing.assert_allclose(logged, expected, rtol=1e-4)
+
+
+def test_a_data_worker_process_gives_the_same_training(dataset, straight, tmp_path):
+    config = tiny_config(dataset)
+    config["data"]["num_workers"] = 1
+    train(TrainingConfig.model_validate(config), tmp_path, progress=False)
+    expected, got = weights(straight), weights(tmp_path)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
