@@ -135,3 +135,17 @@ def test_register_command_writes_the_field_and_extras(images):
     assert read_field(out).shape == (24, 24, 24, 3)
     assert (images / "w.nii.gz").exists() and (images / "itk.nii.gz").exists()
     assert not [p for p in images.iterdir() if ".tmp" in p.name]
+
+
+def test_convexadam_command_recovers_an_integer_shift(tmp_path):
+    shape = (36, 36, 36)
+    fixed = blobs(shape, 3)
+    moving = np.roll(fixed, 2, axis=1)  # moving(x + 2 e_y) = fixed(x)
+    reference = Image(np.zeros(shape, np.float32), np.eye(4))
+    write_image(tmp_path / "f.nii.gz", fixed, reference)
+    write_image(tmp_path / "m.nii.gz", moving, reference)
+    result = runner.invoke(app, ["convexadam", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+                                 "--output", str(tmp_path / "d.nii.gz"), "--io-iters", "5"])
+    assert result.exit_code == 0, result.output
+    field = read_field(tmp_path / "d.nii.gz")
+    assert abs(np.median(field[8:-8, 8:-8, 8:-8, 1]) - 2.0) < 0.5

@@ -43,6 +43,9 @@ app.command()(register)
 from rwcnet.commands.demo import demo  # noqa: E402
 
 app.command()(demo)
+from rwcnet.commands.convexadam import convexadam  # noqa: E402
+
+app.command()(convexadam)
 from rwcnet.commands.train import plot_log, train  # noqa: E402
 
 app.command()(train)

@@ -137,6 +137,7 @@ def register(
     ct_range: str = "window",
     device: str = "auto",
     seed: int = 0,
+    method: str = "rwcnet",
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -147,7 +148,13 @@ def register(
     shipped weights are absent). ``modality`` picks intensity normalisation
     and the instance-optimisation preset (``mr``: brain, ``ct``: lung; for CT
     without masks, lung masks are computed). Seeds torch with ``seed``.
+    ``method="convexadam"`` runs the in-package ConvexAdam baseline instead
+    of the network (``io`` then toggles its Adam stage).
     """
+    if method not in ("rwcnet", "convexadam"):
+        raise InputError(f"unknown registration method {method!r}; use rwcnet or convexadam")
+    if method == "convexadam":
+        model = None
     stage = on_stage or (lambda name: None)
     if modality not in IO_PRESET:
         raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
@@ -173,7 +180,7 @@ def register(
         masks = [Image(lung_mask(img.array, img.spacing).astype(np.uint8), img.affine) for img in (fixed_img, moving_img)]
         notes.append("CT without masks: lung masks computed for instance optimisation")
     network, metadata, note = resolve_model(model, dev)
-    notes.append(note)
+    notes.append("ConvexAdam (in-package baseline)" if method == "convexadam" else note)
     seconds["read"] = time.perf_counter() - start
 
     # the working grid: the model's orientation and spacing, or the fixed grid itself
@@ -196,13 +203,22 @@ def register(
     ]
 
     field = torch.zeros(1, 3, *work_ref.shape, device=dev)
-    if network is not None:
+    if method == "convexadam":
+        from rwcnet.convexadam import convex_adam
+
+        t = time.perf_counter()
+        field = convex_adam(
+            images[0], images[1], preset=IO_PRESET[modality], io_iterations=io_iterations if io else 0,
+            fixed_mask=work_masks[0], moving_mask=work_masks[1], progress=on_step, on_stage=stage,
+        )
+        seconds["convexadam"] = time.perf_counter() - t
+    elif network is not None:
         stage("network")
         t = time.perf_counter()
         with torch.inference_mode():
             field = network(images[0], images[1]).field
         seconds["network"] = time.perf_counter() - t
-    if io:
+    if io and method == "rwcnet":
         stage("instance optimisation")
         t = time.perf_counter()
         field = instance_optimise(
