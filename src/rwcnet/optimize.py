@@ -6,9 +6,8 @@ images are averaged onto a grid ``s`` times coarser (``s`` = grid spacing,
 a given field (resized with :func:`rwcnet.geometry.resize_field`) or zero.
 Each Adam step (learning rate 1) smooths the parameter with three 3³ box
 means (zero padding, as ``avg_pool3d(3, 1, 1)``; computed as banded matrix
-products), warps the coarse moving
-features with it (outside the volume the features count as zero) and
-minimises
+products), warps the coarse moving features with it (outside the volume
+the features count as zero) and minimises
 
     loss = mean_x Σ_c (F_m(x + u(x)) − F_f(x))²  +  λ Σ_axes mean (forward difference of u)²
 
