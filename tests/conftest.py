@@ -20,3 +20,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "brain" / "BRAIN_dataset.json").exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test: on a shared 2-core machine two threads per test process are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ from rwcnet.mind import mind_ssc
 N = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on the shared 2-core machine, two threads per test process are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantom(shape=(N, N, N), seed=0) -> torch.Tensor:

@@ -13,13 +13,7 @@ N = 48
 INNER = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on the shared 2-core machine, two threads per test process are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantom(shape=(N, N, N), seed=0) -> torch.Tensor:
