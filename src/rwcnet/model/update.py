@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwcnet.model.conv import FastConv3d
+
 
 class MotionEncoder(nn.Module):
     """Correlation (or concatenated features) and the current flow -> motion features.
@@ -19,7 +21,7 @@ class MotionEncoder(nn.Module):
         cost_mid, cost_out = channels, (3 * channels) // 4
         flow_mid, flow_out = channels // 2, channels // 4
         self.cost = nn.Sequential(
-            nn.Conv3d(cost_channels, cost_mid, 1), nn.ReLU(), nn.Conv3d(cost_mid, cost_out, 3, padding=1), nn.ReLU()
+            FastConv3d(cost_channels, cost_mid, 1), nn.ReLU(), nn.Conv3d(cost_mid, cost_out, 3, padding=1), nn.ReLU()
         )
         self.flow = nn.Sequential(
             nn.Conv3d(3, flow_mid, flow_kernel, padding=flow_kernel // 2),
@@ -28,7 +30,7 @@ class MotionEncoder(nn.Module):
             nn.ReLU(),
         )
         self.out = nn.Sequential(
-            nn.Conv3d(cost_out + flow_out, channels - 3, out_kernel, padding=out_kernel // 2), nn.ReLU()
+            FastConv3d(cost_out + flow_out, channels - 3, out_kernel), nn.ReLU()
         )
 
     def forward(self, cost: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -48,11 +50,10 @@ class ConvGRU(nn.Module):
         self, hidden: int, inputs: int, kernel: tuple[int, int, int], reference_compat: bool = False
     ) -> None:
         super().__init__()
-        padding = tuple(k // 2 for k in kernel)
         self.hidden = hidden
         self.reference_compat = reference_compat
-        self.gates = nn.Conv3d(hidden + inputs, 2 * hidden, kernel, padding=padding)
-        self.candidate = nn.Conv3d(hidden + inputs, hidden, kernel, padding=padding)
+        self.gates = FastConv3d(hidden + inputs, 2 * hidden, kernel)
+        self.candidate = FastConv3d(hidden + inputs, hidden, kernel)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         hx = torch.cat([h, x], dim=1)
