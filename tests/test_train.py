@@ -187,7 +187,8 @@ def test_configs_load_from_presets_and_yaml_and_errors_name_the_file(tmp_path):
     derived = tmp_path / "derived.yaml"
     derived.write_text("preset: cpu-brain\nseed: 7\nvalidation: {pairs: 1}\n")
     loaded = load_config(derived)
-    assert loaded.seed == 7 and loaded.validation.pairs == 1 and loaded.validation.every == 40
+    assert loaded.seed == 7 and loaded.validation.pairs == 1
+    assert loaded.validation.every == training_preset("cpu-brain").validation.every  # untouched keys keep the preset
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: cpu-brain\nphases: [{stage: 3, steps: 1}]\n")
     with pytest.raises(InputError, match="(?s)bad.yaml.*network has 2 stages"):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from rwcnet.errors import InputError, atomic_output
 from rwcnet.model import RWCNet, load_model, save_model
+from rwcnet.model.files import build_model
 from rwcnet.train_config import PhaseConfig, TrainingConfig, dump_config
 from rwcnet.train_data import TrainingData, iterate_steps
 from rwcnet.train_log import Progress, TrainLog
@@ -105,7 +106,7 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
-    model = RWCNet(config.network())
+    model = build_model(config.network())  # RWCNet, or LapIRN for a lapirn preset
     if init is not None:
         model.load_state_dict(load_model(init)[0].state_dict())
     model.to(device)
@@ -190,6 +191,10 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                         for name, value in terms.items():
                             total, count = sums.get(name, (0.0, 0))
                             sums[name] = (total + value, count + 1)
+                    if phase.grad_clip is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(
+                            [p for group in optimiser.param_groups for p in group["params"]], phase.grad_clip)
+                        sums["grad_norm"] = (float(grad_norm), 1)
                     with signals.critical():
                         optimiser.step()
                         optimiser.zero_grad(set_to_none=True)
