@@ -10,13 +10,17 @@ Presets (``model_preset(name)``):
 * Ablations of the paper's Table 3, applied to ``reference`` or, as ``cpu:<ablation>``, to
   ``cpu``: ``single_resolution`` (the first stage only), ``no_correlation`` (the GRU gets the
   concatenated features instead of the correlation), ``steps=2`` (two iterations per stage).
+* ``lapirn``, ``lapirn-cpu`` — the LapIRN comparator's configs (:mod:`rwcnet.model.lapirn`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from rwcnet.model.lapirn import LapIRNConfig
 
 
 class StageConfig(BaseModel):
@@ -140,11 +144,16 @@ def _ablate(config: ModelConfig, ablation: str) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-PRESETS = ("reference", "cpu", "single_resolution", "no_correlation", "steps=2")
+PRESETS = ("reference", "cpu", "single_resolution", "no_correlation", "steps=2", "lapirn", "lapirn-cpu")
 
 
-def model_preset(name: str) -> ModelConfig:
-    """A network preset by name: ``reference``, ``cpu``, an ablation, or ``<base>:<ablation>``."""
+def model_preset(name: str) -> "ModelConfig | LapIRNConfig":
+    """A network preset by name: ``reference``, ``cpu``, an ablation, ``<base>:<ablation>``, or the
+    LapIRN comparator's ``lapirn``/``lapirn-cpu`` (a :class:`~rwcnet.model.lapirn.LapIRNConfig`)."""
+    if name.startswith("lapirn"):
+        from rwcnet.model.lapirn import lapirn_preset  # imported here: lapirn imports the cascade, which imports this module
+
+        return lapirn_preset(name)
     base, _, ablation = name.partition(":")
     if base in _BASES:
         config = _BASES[base]()

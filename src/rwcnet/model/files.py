@@ -14,13 +14,23 @@ import torch
 
 from rwcnet.errors import InputError, atomic_output
 from rwcnet.model.cascade import RWCNet
-from rwcnet.model.config import ModelConfig
+from rwcnet.model.config import ModelConfig, model_preset
+from rwcnet.model.lapirn import LapIRN, LapIRNConfig
 
 FORMAT = "rwcnet-model"
 FORMAT_VERSION = 1
 
 
-def save_model(path: str | Path, model: RWCNet, metadata: dict[str, Any] | None = None) -> None:
+def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCNet | LapIRN:
+    """A fresh network from a preset name, a config, or a config's dict (``kind: lapirn`` selects LapIRN)."""
+    if isinstance(spec, str):
+        spec = model_preset(spec)
+    elif isinstance(spec, dict):
+        spec = LapIRNConfig.model_validate(spec) if spec.get("kind") == "lapirn" else ModelConfig.model_validate(spec)
+    return LapIRN(spec) if isinstance(spec, LapIRNConfig) else RWCNet(spec)
+
+
+def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: dict[str, Any] | None = None) -> None:
     """Write ``model`` with its config and ``metadata`` to ``path`` atomically."""
     payload = {
         "format": FORMAT,
@@ -33,7 +43,7 @@ def save_model(path: str | Path, model: RWCNet, metadata: dict[str, Any] | None 
         torch.save(payload, tmp)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[RWCNet, dict[str, Any]]:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[RWCNet | LapIRN, dict[str, Any]]:
     """Read a model file; returns the network (eval mode) and its metadata.
 
     Raises :class:`InputError` naming the file when it is missing, not a
@@ -52,8 +62,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     if version != FORMAT_VERSION:
         raise InputError(f"{path}: model file format version {version}, this rwcnet reads version {FORMAT_VERSION}")
     try:
-        config = ModelConfig.model_validate(payload["config"])
-        model = RWCNet(config)
+        model = build_model(dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as error:
         raise InputError(f"{path}: model config or weights are incompatible with this rwcnet: {error}") from error
