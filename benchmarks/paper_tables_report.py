@@ -1,0 +1,86 @@
+"""Write ``docs/results.md`` from the cached scores of ``benchmarks/paper_tables.py``."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from paper_tables import DATASETS, METHODS, _slug, cases, model_path, row_status
+
+PAPER = {  # SPEC §5: NLST TRE (mm), OASIS Dice (%)
+    "zero displacement": (9.73, 52.4), "ConvexAdam": (1.48, 76.4), "ConvexAdam without IO": (2.78, 75.6),
+    "LapIRN": (5.51, 80.0), "RWCNet": (2.11, 80.7), "RWCNet with IO": (1.48, 76.4),
+    "ANTs SyN": (2.24, 75.6), "elastix B-spline": ("–", "–"),
+    "single resolution": (5.52, 74.0), "no correlation": (4.10, 80.0), "2 RNN steps": (5.17, 80.1),
+}
+COLUMNS = {  # metric: (header, format, scale)
+    "BRAIN": [("dice", "Dice %", "{:.1f}", 100), ("hd95", "HD95 vx", "{:.2f}", 1), ("sdlogj", "SDlogJ", "{:.3f}", 1)],
+    "SYNBRAIN": [("dice", "Dice %", "{:.1f}", 100), ("hd95", "HD95 vx", "{:.2f}", 1), ("epe", "EPE mm", "{:.2f}", 1),
+                 ("sdlogj", "SDlogJ", "{:.3f}", 1)],
+    "SYNLUNG": [("tre", "TRE mm", "{:.2f}", 1), ("epe", "EPE mm", "{:.2f}", 1), ("sdlogj", "SDlogJ", "{:.3f}", 1)],
+}
+
+
+def _cell(values: list[float], fmt: str, scale: float) -> str:
+    values = [v * scale for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values))}"
+
+
+def _table(cache: Path, data: Path, dataset: str, table: int) -> list[str]:
+    header = [c[1] for c in COLUMNS[dataset]] + ["s / pair", "peak GB"]
+    paper = "paper NLST TRE mm" if dataset == "SYNLUNG" else "paper OASIS Dice %"
+    lines = ["| method | " + " | ".join(header) + f" | {paper} |", "|---" * (len(header) + 2) + "|"]
+    for method in (m for m in METHODS if m.table == table or (table == 3 and m.name == "RWCNet")):
+        path = cache / "scores" / f"{_slug(method.name)}_{dataset}.json"
+        reference = PAPER[method.name][0 if dataset == "SYNLUNG" else 1]
+        if not path.is_file():
+            status = row_status(method, dataset, data, cache)
+            lines.append(f"| {method.name} | " + " | ".join(["–"] * len(header)) + f" | {reference} |  ← {status}")
+            continue
+        scored = [c for c in json.loads(path.read_text())["cases"].values()]
+        cells = [_cell([c.get(key) for c in scored], fmt, scale) for key, _, fmt, scale in COLUMNS[dataset]]
+        cells.append(_cell([c.get("seconds") for c in scored], "{:.0f}", 1))
+        cells.append("{:.2f}".format(max(c.get("peak_gb", 0.0) for c in scored)))
+        lines.append(f"| {method.name} | " + " | ".join(cells) + f" | {reference} |")
+    return lines
+
+
+def write_report(cache: Path, data: Path, target: Path) -> None:
+    """Tables 2 and 3 per dataset, the paper's numbers beside, with the protocol; written atomically."""
+    counts = {d: len(cases(d, data, cache)) for d in DATASETS}
+    models = {m.name: model_path(m, cache) for m in METHODS if m.model}
+    training = []
+    for name, path in models.items():
+        if path is None or not path.is_file():
+            continue
+        report = path.parent / "report.json"
+        seconds = json.loads(report.read_text()).get("seconds") if report.is_file() else None
+        training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
+                        f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
+    lines = [
+        "# Results: the protocol of the paper's Tables 2 and 3 on the data we have",
+        "",
+        f"Generated on {date.today().isoformat()} by `python benchmarks/paper_tables.py all` (cached per method and",
+        "case in `results/paper-tables/`, resumable; `report` rewrites this file from the cache).",
+        "Every number below comes from that command; a dash means the row has not been run yet.",
+        "",
+    ]
+    for dataset, title in DATASETS.items():
+        for table in (2, 3):
+            if table == 3 and dataset == "SYNLUNG":
+                continue
+            lines += [f"## Table {table} — {title} ({counts[dataset]} pair{'s' if counts[dataset] > 1 else ''})", ""]
+            lines += _table(cache, data, dataset, table) + [""]
+    lines += ["## Networks and their training", "", "| row | model | training wall time |", "|---|---|---|"]
+    lines += training + [""]
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n" + (target.parent / "results_notes.md").read_text())
+    tmp.replace(target)
