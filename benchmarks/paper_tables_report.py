@@ -14,7 +14,7 @@ from paper_tables import DATASETS, METHODS, _slug, cases, model_path, row_status
 PAPER = {  # SPEC §5: NLST TRE (mm), OASIS Dice (%)
     "zero displacement": (9.73, 52.4), "ConvexAdam": (1.48, 76.4), "ConvexAdam without IO": (2.78, 75.6),
     "LapIRN": (5.51, 80.0), "RWCNet": (2.11, 80.7), "RWCNet with IO": (1.48, 76.4),
-    "ANTs SyN": (2.24, 75.6), "elastix B-spline": ("–", "–"),
+    "ANTs SyN": ("2.24*", "75.6*"), "elastix B-spline": ("–", "–"),
     "single resolution": (5.52, 74.0), "no correlation": (4.10, 80.0), "2 RNN steps": (5.17, 80.1),
 }
 COLUMNS = {  # metric: (header, format, scale)
@@ -37,19 +37,19 @@ def _cell(values: list[float], fmt: str, scale: float) -> str:
 def _table(cache: Path, data: Path, dataset: str, table: int) -> list[str]:
     header = [c[1] for c in COLUMNS[dataset]] + ["s / pair", "peak GB"]
     paper = "paper NLST TRE mm" if dataset == "SYNLUNG" else "paper OASIS Dice %"
-    lines = ["| method | " + " | ".join(header) + f" | {paper} |", "|---" * (len(header) + 2) + "|"]
+    lines = ["| method | " + " | ".join(header) + f" | {paper} | status |", "|---" * (len(header) + 3) + "|"]
     for method in (m for m in METHODS if m.table == table or (table == 3 and m.name == "RWCNet")):
         path = cache / "scores" / f"{_slug(method.name)}_{dataset}.json"
         reference = PAPER[method.name][0 if dataset == "SYNLUNG" else 1]
         if not path.is_file():
             status = row_status(method, dataset, data, cache)
-            lines.append(f"| {method.name} | " + " | ".join(["–"] * len(header)) + f" | {reference} |  ← {status}")
+            lines.append(f"| {method.name} | " + " | ".join(["–"] * len(header)) + f" | {reference} | {status} |")
             continue
         scored = [c for c in json.loads(path.read_text())["cases"].values()]
         cells = [_cell([c.get(key) for c in scored], fmt, scale) for key, _, fmt, scale in COLUMNS[dataset]]
         cells.append(_cell([c.get("seconds") for c in scored], "{:.0f}", 1))
         cells.append("{:.2f}".format(max(c.get("peak_gb", 0.0) for c in scored)))
-        lines.append(f"| {method.name} | " + " | ".join(cells) + f" | {reference} |")
+        lines.append(f"| {method.name} | " + " | ".join(cells) + f" | {reference} | done |")
     return lines
 
 
@@ -70,7 +70,10 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
         "",
         f"Generated on {date.today().isoformat()} by `python benchmarks/paper_tables.py all` (cached per method and",
         "case in `results/paper-tables/`, resumable; `report` rewrites this file from the cache).",
-        "Every number below comes from that command; a dash means the row has not been run yet.",
+        "Every number below comes from that command; a dash means the row has not been run yet (see its status).",
+        "Values are mean ± standard deviation over pairs; time is the whole `register` call per pair, peak",
+        "memory the largest resident size of the registering process. The paper's column is its Table 2/3",
+        "(OASIS Dice, NLST TRE); * marks ANTs SyN's public OASIS/NLST validation numbers quoted in SPEC §5.",
         "",
     ]
     for dataset, title in DATASETS.items():

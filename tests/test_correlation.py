@@ -186,3 +186,19 @@ def test_cuda_matches_cpu(kind: str) -> None:
         results.append([t.cpu() for t in (out, f.grad, m.grad)])
     for cpu_tensor, cuda_tensor in zip(*results):
         torch.testing.assert_close(cuda_tensor, cpu_tensor)
+
+
+def test_soft_argmax_recovers_the_best_shift_and_is_a_weighted_mean():
+    from rwcnet.model.correlation import shift_offsets, soft_argmax
+
+    torch.manual_seed(0)
+    radius = 2
+    offsets = torch.tensor(shift_offsets(radius), dtype=torch.float64)
+    cost = torch.randn(2, len(offsets), 4, 3, 5, dtype=torch.float64)
+    expected = torch.einsum("bkxyz,kc->bcxyz", torch.softmax(cost / 0.7, dim=1), offsets)
+    torch.testing.assert_close(soft_argmax(cost, radius, "dot", 0.7), expected)
+    torch.testing.assert_close(soft_argmax(-cost, radius, "sad", 0.7), expected)  # a cost: smaller is better
+    peaked = torch.zeros(1, len(offsets), 2, 2, 2, dtype=torch.float64)
+    best = shift_offsets(radius).index((1, -2, 0))
+    peaked[:, best] = 50.0
+    torch.testing.assert_close(soft_argmax(peaked, radius, "dot"), torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1, 1).expand(1, 3, 2, 2, 2))

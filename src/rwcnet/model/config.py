@@ -34,6 +34,11 @@ class StageConfig(BaseModel):
     correlation: Literal["dot", "sad", "none"] = Field(
         "dot", description="dot: paper (dot product / sqrt(C)); sad: reference code; none: ablation"
     )
+    readout: bool = Field(
+        False,
+        description="add g * soft-argmax(correlation) to each update, g a learnt scalar starting at 0 "
+        "(not in the paper: a parameter-free displacement estimate that small training budgets can use at once)",
+    )
     rewarp: Literal["features", "image"] = Field(
         "features", description="features: warp the moving features; image: re-extract from the warped image"
     )
@@ -108,12 +113,12 @@ def _cpu() -> ModelConfig:
         name="cpu",
         stages=[
             StageConfig(
-                downsample=4, iterations=6, radius=3, feature_channels=16, encoder_width=8,
+                downsample=4, iterations=6, radius=2, correlation="sad", readout=True, feature_channels=16, encoder_width=8,
                 hidden_channels=24, context_channels=8, separable_gru=True, gru_kernel=3,
                 flow_kernel=3, motion_channels=24, motion_out_kernel=1, head_channels=24,
             ),
             StageConfig(
-                downsample=2, iterations=3, radius=2, feature_channels=8, encoder_width=4,
+                downsample=2, iterations=3, radius=2, correlation="sad", readout=True, feature_channels=8, encoder_width=4,
                 hidden_channels=12, context_channels=4, separable_gru=True, gru_kernel=3,
                 flow_kernel=3, motion_channels=16, motion_out_kernel=1, head_channels=12,
             ),
@@ -134,6 +139,7 @@ def _ablate(config: ModelConfig, ablation: str) -> ModelConfig:
     elif ablation == "no_correlation":
         for stage in data["stages"]:
             stage["correlation"] = "none"
+            stage["readout"] = False  # the readout reads the correlation
     elif ablation.startswith("steps="):
         steps = int(ablation.split("=", 1)[1])
         for stage in data["stages"]:

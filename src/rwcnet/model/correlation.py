@@ -52,6 +52,18 @@ def shift_offsets(radius: int) -> list[tuple[int, int, int]]:
     return [(d0, d1, d2) for d0 in span for d1 in span for d2 in span]
 
 
+def soft_argmax(cost: Tensor, radius: int, kind: str, temperature: Tensor | float = 1.0) -> Tensor:
+    """Expected shift ``(B, 3, X, Y, Z)`` (voxels) under ``softmax(±cost / temperature)`` over the shifts.
+
+    ``cost`` is a correlation volume ``(B, (2r+1)^3, X, Y, Z)`` of :func:`local_correlation`;
+    ``"dot"`` is a similarity (softmax of ``cost``), ``"sad"`` a cost (softmax of ``-cost``).
+    """
+    offsets = torch.tensor(shift_offsets(radius), dtype=cost.dtype, device=cost.device)  # (K, 3)
+    logits = cost if kind == "dot" else -cost
+    weights = torch.softmax(logits / temperature, dim=1)
+    return torch.einsum("bkxyz,kc->bcxyz", weights, offsets)
+
+
 def _slabs(fixed: Tensor) -> Iterator[tuple[int, int]]:
     """Ranges ``[x0, x1)`` of x-slices to process together (whole volume on non-CPU devices)."""
     size_x = fixed.shape[2]

@@ -9,7 +9,7 @@ from torch import nn
 
 from rwcnet import geometry
 from rwcnet.model.config import ModelConfig, StageConfig
-from rwcnet.model.correlation import local_correlation
+from rwcnet.model.correlation import local_correlation, soft_argmax
 from rwcnet.model.encoders import ContextEncoder, FeatureEncoder
 from rwcnet.model.update import FlowHead, MotionEncoder, UpdateGRU
 
@@ -47,6 +47,11 @@ class RecurrentStage(nn.Module):
             config.hidden_channels, gru_inputs, config.gru_kernel, config.separable_gru, model.reference_compat
         )
         self.head = FlowHead(config.hidden_channels, config.head_channels, model.flow_head_init_scale)
+        if config.readout and config.correlation == "none":
+            raise ValueError("readout needs a correlation (dot or sad)")
+        if config.readout:
+            self.readout_gain = nn.Parameter(torch.zeros(()))
+            self.readout_log_temperature = nn.Parameter(torch.zeros(()))
 
     def encode(self, fixed: torch.Tensor, moving: torch.Tensor, prior_flow: torch.Tensor) -> StageState:
         """Encode whole stage-grid images ``(B, 1, X, Y, Z)``; ``prior_flow`` ``(B, 3, X, Y, Z)`` in stage voxels."""
@@ -94,6 +99,9 @@ class RecurrentStage(nn.Module):
             motion = self.motion(cost, delta if self.reference_compat else flow)
             hidden = self.gru(hidden, torch.cat([motion, moving_features, context], dim=1))
             delta = self.head(hidden)
+            if self.config.readout:
+                estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
+                delta = delta + self.readout_gain * estimate
             flow = flow + delta  # u_{k+1} = u_k + Δu_k
             flows.append(flow)
         return flow, hidden, flows
