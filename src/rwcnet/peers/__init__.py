@@ -65,7 +65,7 @@ def run_peer(name: str, fixed: Image, moving: Image, threads: int = 2) -> PeerRe
         write_image(paths["moving"], moving.array.astype(np.float32), fixed)
         command = [str(python), str(Path(__file__).with_name(script)), *(str(paths[k]) for k in ("fixed", "moving", "field", "warped")),
                    str(threads)]
-        process = subprocess.run(command, capture_output=True, text=True)
+        process = subprocess.run(command, capture_output=True, text=True, cwd=tmp)  # peers drop files in their cwd
         if process.returncode != 0:
             raise RuntimeError(f"peer {name} failed:\n{process.stderr[-3000:]}")
         report = json.loads(process.stdout.strip().splitlines()[-1])
