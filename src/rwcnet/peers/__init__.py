@@ -45,7 +45,7 @@ def peer_python(name: str) -> Path | None:
     """The interpreter of peer ``name``'s environment, or None when it is not set up."""
     script, variable, _ = PEERS[name]
     candidate = Path(os.environ.get(variable, Path(".venvs") / name / "bin" / "python"))
-    return candidate if candidate.is_file() else None
+    return candidate.absolute() if candidate.is_file() else None  # absolute, not resolved: a venv python is a symlink
 
 
 def run_peer(name: str, fixed: Image, moving: Image, threads: int = 2) -> PeerResult:
