@@ -36,7 +36,7 @@ class StageConfig(BaseModel):
     )
     readout: bool = Field(
         False,
-        description="add g * soft-argmax(correlation) to each update, g a learnt scalar starting at 1 "
+        description="add g * soft-argmax(correlation) to each update, g a learnt scalar starting at 0 "
         "(not in the paper: a parameter-free displacement estimate that small training budgets can use at once)",
     )
     rewarp: Literal["features", "image"] = Field(

@@ -50,7 +50,7 @@ class RecurrentStage(nn.Module):
         if config.readout and config.correlation == "none":
             raise ValueError("readout needs a correlation (dot or sad)")
         if config.readout:
-            self.readout_gain = nn.Parameter(torch.ones(()))
+            self.readout_gain = nn.Parameter(torch.zeros(()))
             self.readout_log_temperature = nn.Parameter(torch.zeros(()))
 
     def encode(self, fixed: torch.Tensor, moving: torch.Tensor, prior_flow: torch.Tensor) -> StageState:
