@@ -10,7 +10,7 @@ from torch import nn
 
 from rwcnet import geometry
 from rwcnet.model.config import ModelConfig
-from rwcnet.model.stage import RecurrentStage, StageState
+from rwcnet.model.stage import RecurrentStage
 from rwcnet.model.tiling import Box, Tile, plan_tiles, run_tiled
 from rwcnet.model.update import ConvexUpsampler
 
@@ -39,7 +39,30 @@ class CascadeOutput:
     origin: tuple[int, int, int] = (0, 0, 0)
 
 
-class RWCNet(nn.Module):
+class StagewiseModel(nn.Module):
+    """Coarse-to-fine networks trained stage by stage: ``stages`` and ``carry`` module lists,
+    the first ``frozen_stages`` of them frozen (no gradients, eval mode)."""
+
+    stages: nn.ModuleList
+    carry: nn.ModuleList
+    frozen_stages: int = 0
+
+    def freeze_stages(self, count: int) -> None:
+        """Freeze the first ``count`` stages (no gradients, eval mode, run without autograd)."""
+        self.frozen_stages = count
+        for index, stage in enumerate(self.stages):
+            stage.requires_grad_(index >= count)
+        for index, carry in enumerate(self.carry):
+            carry.requires_grad_(index + 1 >= count)
+
+    def train(self, mode: bool = True) -> "StagewiseModel":
+        super().train(mode)
+        for stage in list(self.stages)[: self.frozen_stages]:
+            stage.eval()
+        return self
+
+
+class RWCNet(StagewiseModel):
     """RWCNet: one :class:`RecurrentStage` per resolution, run coarse to fine.
 
     Inputs are normalised images ``(B, 1, X, Y, Z)`` on the same grid, of any
@@ -62,20 +85,6 @@ class RWCNet(nn.Module):
             else None
         )
         self.frozen_stages = 0
-
-    def freeze_stages(self, count: int) -> None:
-        """Freeze the first ``count`` stages (no gradients, eval mode, run without autograd)."""
-        self.frozen_stages = count
-        for index, stage in enumerate(self.stages):
-            stage.requires_grad_(index >= count)
-        for index, carry in enumerate(self.carry):
-            carry.requires_grad_(index + 1 >= count)
-
-    def train(self, mode: bool = True) -> "RWCNet":
-        super().train(mode)
-        for stage in list(self.stages)[: self.frozen_stages]:
-            stage.eval()
-        return self
 
     def forward(
         self,

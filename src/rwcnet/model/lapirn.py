@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from rwcnet import geometry
-from rwcnet.model.cascade import CascadeOutput, StageResult
+from rwcnet.model.cascade import CascadeOutput, StageResult, StagewiseModel
 from rwcnet.model.tiling import Box
 
 #: Standard deviation of each level's output convolution at init: an untrained LapIRN gives a field of ~1e-4 voxels.
@@ -136,7 +136,7 @@ class LevelNet(nn.Module):
         return self.head(y), y
 
 
-class LapIRN(nn.Module):
+class LapIRN(StagewiseModel):
     """LapIRN (non-diffeomorphic): one :class:`LevelNet` per pyramid level, run coarse to fine.
 
     Inputs are normalised images ``(B, 1, X, Y, Z)`` on one grid, of any size
@@ -153,18 +153,6 @@ class LapIRN(nn.Module):
         self.carry = nn.ModuleList()  # the training loop's interface: no hidden state passes between levels
         self.upsampler = None  # ... and no learned upsampling to full resolution
         self.frozen_stages = 0
-
-    def freeze_stages(self, count: int) -> None:
-        """Freeze the first ``count`` levels (no gradients, eval mode, run without autograd)."""
-        self.frozen_stages = count
-        for index, level in enumerate(self.stages):
-            level.requires_grad_(index >= count)
-
-    def train(self, mode: bool = True) -> "LapIRN":
-        super().train(mode)
-        for level in list(self.stages)[: self.frozen_stages]:
-            level.eval()
-        return self
 
     def forward(
         self,

@@ -15,12 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _peak_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+from _process import peak_gb  # sibling module: this folder is on sys.path when run as a script
 
 
 def main() -> None:
@@ -36,7 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         composite = ants.apply_transforms(fixed, moving, result["fwdtransforms"], compose=str(Path(tmp) / "composite_"))
         shutil.move(composite, field_out)
-    print(json.dumps({"seconds": seconds, "peak_gb": _peak_gb()}))
+    print(json.dumps({"seconds": seconds, "peak_gb": peak_gb()}))
 
 
 if __name__ == "__main__":

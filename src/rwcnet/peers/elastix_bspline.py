@@ -11,14 +11,8 @@ by transformix; prints ``{"seconds", "peak_gb"}`` as the last line.
 import json
 import sys
 import time
-from pathlib import Path
 
-
-def _peak_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+from _process import peak_gb  # sibling module: this folder is on sys.path when run as a script
 
 
 def main() -> None:
@@ -39,7 +33,7 @@ def main() -> None:
     transform.SetParameter("FinalBSplineInterpolationOrder", "1")
     itk.imwrite(itk.transformix_filter(moving, transform), warped_out)
     itk.imwrite(itk.transformix_deformation_field(moving, transform), field_out)
-    print(json.dumps({"seconds": seconds, "peak_gb": _peak_gb()}))
+    print(json.dumps({"seconds": seconds, "peak_gb": peak_gb()}))
 
 
 if __name__ == "__main__":
