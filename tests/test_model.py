@@ -215,3 +215,28 @@ def test_a_tiny_stage_overfits_one_semi_synthetic_pair():
             break
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert math.isfinite(end) and end < 0.5 * start, (len(losses), start, end)
+
+
+def test_untrained_readout_moves_towards_a_known_constant_shift():
+    """With the flow head silenced, the readout alone must recover most of a known sub-voxel shift."""
+    torch.manual_seed(0)
+    stage = tiny_stage(
+        iterations=3, radius=2, correlation="sad", readout=True, readout_gain=0.5, readout_temperature=0.1,
+        readout_smoothing=5, feature_channels=8, halo=0,
+    )
+    model = RWCNet(ModelConfig(stages=[stage], dropout=0.0, flow_head_init_scale=0.0)).eval()
+    shape = (32, 32, 32)
+    fixed = smooth_image(shape, seed=3)
+    shift = torch.tensor([0.8, -0.6, 0.4]).view(1, 3, 1, 1, 1)
+    truth = shift.expand(1, 3, *shape).contiguous()
+    moving = geometry.warp(fixed, -truth)  # moving(x) = fixed(x - shift), so warp(moving, truth) = fixed
+    with torch.no_grad():
+        field = model(fixed, moving).field
+    inner = (slice(None), slice(None), *(slice(8, -8),) * 3)
+    error = (field - truth)[inner].norm(dim=1).mean()
+    assert error < 0.5 * shift.norm()
+
+
+def test_readout_smoothing_must_be_odd():
+    with pytest.raises(ValueError, match="readout_smoothing"):
+        tiny_stage(correlation="sad", readout=True, readout_smoothing=4)

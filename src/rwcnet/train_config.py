@@ -244,7 +244,7 @@ def _cpu_brain() -> TrainingConfig:
 
 
 #: Steps of the two ``cpu-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
-CPU_BRAIN_STEPS = (350, 90)
+CPU_BRAIN_STEPS = (250, 90)
 
 TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rwcnet import geometry
@@ -50,8 +52,8 @@ class RecurrentStage(nn.Module):
         if config.readout and config.correlation == "none":
             raise ValueError("readout needs a correlation (dot or sad)")
         if config.readout:
-            self.readout_gain = nn.Parameter(torch.zeros(()))
-            self.readout_log_temperature = nn.Parameter(torch.zeros(()))
+            self.readout_gain = nn.Parameter(torch.tensor(float(config.readout_gain)))
+            self.readout_log_temperature = nn.Parameter(torch.tensor(math.log(config.readout_temperature)))
 
     def encode(self, fixed: torch.Tensor, moving: torch.Tensor, prior_flow: torch.Tensor) -> StageState:
         """Encode whole stage-grid images ``(B, 1, X, Y, Z)``; ``prior_flow`` ``(B, 3, X, Y, Z)`` in stage voxels."""
@@ -70,6 +72,14 @@ class RecurrentStage(nn.Module):
         if self.config.correlation == "none":
             return torch.cat([fixed_features, moving_features], dim=1)
         return local_correlation(fixed_features, moving_features, self.config.radius, self.config.correlation)
+
+    def _readout(self, cost: torch.Tensor) -> torch.Tensor:
+        """Smoothed soft-argmax of the correlation: a displacement estimate ``(B, 3, X, Y, Z)`` in stage voxels."""
+        estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
+        width = self.config.readout_smoothing
+        for _ in range(2 if width > 1 else 0):
+            estimate = F.avg_pool3d(estimate, width, stride=1, padding=width // 2, count_include_pad=False)
+        return estimate
 
     def iterate(
         self, state: StageState, region: tuple[slice, slice, slice], flow: torch.Tensor | None = None
@@ -100,8 +110,7 @@ class RecurrentStage(nn.Module):
             hidden = self.gru(hidden, torch.cat([motion, moving_features, context], dim=1))
             delta = self.head(hidden)
             if self.config.readout:
-                estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
-                delta = delta + self.readout_gain * estimate
+                delta = delta + self.readout_gain * self._readout(cost)
             flow = flow + delta  # u_{k+1} = u_k + Δu_k
             flows.append(flow)
         return flow, hidden, flows
