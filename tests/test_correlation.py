@@ -130,6 +130,21 @@ def test_gradients_match_per_shift_autograd(kind: str, radius: int, slabs: None)
     assert gf.abs().sum() > 0 and gm.abs().sum() > 0
 
 
+@pytest.mark.parametrize("size_z", [6, 12, 23])
+def test_dot_over_several_z_blocks_matches_per_shift_autograd(size_z: int) -> None:
+    """The dot kind works on z-blocks of 2(2r+1) voxels: whole blocks, several blocks, a padded last block."""
+    fixed, moving = _features((1, 3, 4, 3, size_z), seed=size_z)
+    weights = torch.randn((1, 27, 4, 3, size_z), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for function in (local_correlation, _torch_per_shift):
+        f, m = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+        out = function(f, m, 1, "dot")
+        (out * weights).sum().backward()
+        results.append((out.detach(), f.grad, m.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["dot", "sad"])
 def test_gradcheck(kind: str, slabs: None) -> None:
     fixed, moving = _features((1, 2, 3, 4, 3), seed=21)

@@ -16,15 +16,22 @@ Moving values outside the volume are zero (zero padding). Two kinds:
   so its adjoint (used in the backward pass) is the same filter.
 
 Both are custom autograd functions (the reference code's no-gradient defect is fixed: the
-gradient reaches both inputs). They never build a ``(2r+1)^3 x C x volume`` tensor: the forward
-pads the moving features once and writes each shift into a preallocated output; only the two
-inputs are saved; the backward accumulates both gradients in place, shift by shift. On CPU the
-volume is processed in slabs of a few x-slices, looping over all shifts inside a slab, so that
-the slab's features and gradients stay in cache; features are handled channels-last there
-(measured fastest, see ``benchmarks/correlation_cost.py``). On CUDA the whole volume is one slab.
-The CPU path issues thousands of small parallel ops: when other processes share the cores,
-run with ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported), otherwise OpenMP threads
-spin at every op and the cost grows several-fold.
+gradient reaches both inputs). They never build a ``(2r+1)^3 x C x volume`` tensor; only the
+two inputs are saved for the backward pass.
+
+* ``"dot"`` is bilinear, so it runs as batched matrix products: z-blocks of fixed features
+  against the moving windows that cover their z-shifts, one ``bmm`` per in-plane shift
+  (:class:`_Windows`); the backward pass uses the same products with the incoming gradient
+  placed on the band. Dense products keep both cores busy and are far less sensitive to
+  other processes than thousands of small elementwise ops.
+* ``"sad"`` is not bilinear: the forward pads the moving features once and writes each shift
+  into a preallocated output, and the backward accumulates both gradients in place, shift by
+  shift. On CPU the volume is processed in slabs of a few x-slices, looping over all shifts
+  inside a slab, so that the slab's features and gradients stay in cache; features are
+  channels-last there. On CUDA the whole volume is one slab. This path issues thousands of
+  small parallel ops: when other processes share the cores, run with
+  ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported; rwcnet does so unless the user
+  set it), otherwise OpenMP threads spin at every op and the cost grows several-fold.
 """
 
 from __future__ import annotations
@@ -128,19 +135,64 @@ def _unpad(padded: Tensor, radius: int, spatial: tuple[int, int, int]) -> Tensor
     return padded[:, :, r : r + spatial[0], r : r + spatial[1], r : r + spatial[2]].contiguous()
 
 
+class _Windows:
+    """The dot product as batched matrix products over z-blocks (shared by forward and backward).
+
+    Channels-last features are cut into blocks of ``L`` voxels along z. For an in-plane shift
+    ``(d0, d1)`` one ``bmm`` multiplies every fixed block ``(L, C)`` with the moving window
+    ``(L + 2r, C)`` that covers its ``2r + 1`` z-shifts; the shifts are the band ``j = i + d2 + r``
+    of the ``(L, L + 2r)`` product. With ``L = 2(2r + 1)`` about a third of the products are used,
+    but dense matrix products run an order of magnitude faster than per-shift elementwise ops.
+    """
+
+    def __init__(self, fixed: Tensor, moving: Tensor, radius: int) -> None:
+        batch, channels, sx, sy, sz = fixed.shape
+        self.radius, self.span = radius, 2 * radius + 1
+        self.block = 2 * self.span
+        self.spatial = (sx, sy, sz)
+        self.blocks = -(-sz // self.block)
+        extra = self.blocks * self.block - sz  # pad z up to whole blocks (cropped from the output)
+        scale = 1.0 / math.sqrt(channels)
+        fixed_l = F.pad(fixed * scale, (0, extra)).permute(0, 2, 3, 4, 1).contiguous()
+        self.fixed = fixed_l.view(-1, self.block, channels)  # (N, L, C)
+        self.padded = F.pad(moving, (radius, radius + extra, radius, radius, radius, radius)).permute(0, 2, 3, 4, 1).contiguous()
+        self.shape = (batch, sx, sy, self.blocks * self.block)
+
+    def window(self, tensor: Tensor, d0: int, d1: int, rows: int, start: int = 0) -> Tensor:
+        """View ``(B, X, Y, blocks, rows, C)`` of a padded channels-last tensor for shift ``(d0, d1)`` (0-based)."""
+        s_b, s_x, s_y, s_z, s_c = tensor.stride()
+        batch, sx, sy, _ = self.shape
+        size = (batch, sx, sy, self.blocks, rows, tensor.shape[-1])
+        stride = (s_b, s_x, s_y, self.block * s_z, s_z, s_c)
+        return tensor.as_strided(size, stride, tensor.storage_offset() + d0 * s_x + d1 * s_y + start * s_z)
+
+    def band(self, products: Tensor) -> Tensor:
+        """The ``(N, L, 2r + 1)`` band ``products[n, i, i + k]`` of ``(N, L, L + 2r)`` products."""
+        width = products.shape[-1]
+        return products.as_strided((products.shape[0], self.block, self.span), (self.block * width, width + 1, 1))
+
+    def shifts(self):
+        """``(d0, d1, first output channel)`` for every in-plane shift (0-based d)."""
+        for d0 in range(self.span):
+            for d1 in range(self.span):
+                yield d0, d1, (d0 * self.span + d1) * self.span
+
+
 class _DotCorrelation(torch.autograd.Function):
-    """Dot-product correlation over sqrt(C); see the module docstring."""
+    """Dot-product correlation over sqrt(C) by batched matrix products; see :class:`_Windows`."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, fixed: Tensor, moving: Tensor, radius: int) -> Tensor:
-        spatial = tuple(fixed.shape[2:])
-        fixed_l, padded = _prepare(fixed, moving, radius, 1.0 / math.sqrt(fixed.shape[1]))
-        out = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *spatial))
-        for x0, x1 in _slabs(fixed):
-            fixed_slab, out_slab = fixed_l[:, :, x0:x1], out[:, :, x0:x1]
-            product = torch.empty_like(fixed_slab)
-            for k, moving_slab in enumerate(_shift_views(padded, x0, x1, radius, spatial)):
-                torch.sum(torch.mul(fixed_slab, moving_slab, out=product), dim=1, out=out_slab[:, k])
+        windows = _Windows(fixed, moving, radius)
+        batch, sx, sy, sz_blocks = windows.shape
+        rows = windows.block + 2 * radius
+        out = fixed.new_empty((batch, windows.span**3, *windows.spatial))
+        sz = windows.spatial[2]
+        for d0, d1, k0 in windows.shifts():
+            moving_rows = windows.window(windows.padded, d0, d1, rows).reshape(-1, rows, fixed.shape[1])
+            band = windows.band(torch.bmm(windows.fixed, moving_rows.transpose(1, 2)))
+            band = band.reshape(batch, sx, sy, sz_blocks, windows.span)[:, :, :, :sz]
+            out[:, k0 : k0 + windows.span].copy_(band.permute(0, 4, 1, 2, 3))
         ctx.save_for_backward(fixed, moving)
         ctx.radius = radius
         return out
@@ -149,25 +201,35 @@ class _DotCorrelation(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         fixed, moving = ctx.saved_tensors
-        radius, spatial = ctx.radius, tuple(fixed.shape[2:])
-        scale = 1.0 / math.sqrt(fixed.shape[1])
-        fixed_l, padded = _prepare(fixed, moving, radius, scale)
-        grad_out = grad_out.contiguous()
-        grad_fixed = torch.zeros_like(fixed_l) if ctx.needs_input_grad[0] else None
-        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
-        for x0, x1 in _slabs(fixed):
-            fixed_slab, grad_slab = fixed_l[:, :, x0:x1], grad_out[:, :, x0:x1]
-            moving_views = _shift_views(padded, x0, x1, radius, spatial)
-            grad_views = _shift_views(grad_padded, x0, x1, radius, spatial) if grad_padded is not None else None
-            for k, moving_slab in enumerate(moving_views):
-                grad_k = grad_slab[:, k : k + 1]
-                if grad_fixed is not None:  # dL/dF_f(x) += g_d(x) F_m(x + d) / sqrt(C)
-                    grad_fixed[:, :, x0:x1].addcmul_(grad_k, moving_slab)
-                if grad_views is not None:  # dL/dF_m(x + d) += g_d(x) F_f(x) / sqrt(C)
-                    grad_views[k].addcmul_(grad_k, fixed_slab)
-        grad_fixed = grad_fixed.mul_(scale).contiguous() if grad_fixed is not None else None
-        grad_moving = _unpad(grad_padded, radius, spatial) if grad_padded is not None else None
-        return grad_fixed, grad_moving, None
+        radius = ctx.radius
+        windows = _Windows(fixed, moving, radius)
+        batch, sx, sy, sz_blocks = windows.shape
+        channels, span, block = fixed.shape[1], windows.span, windows.block
+        rows = block + 2 * radius
+        extra = sz_blocks - windows.spatial[2]
+        grad_l = F.pad(grad_out, (0, extra)).permute(0, 2, 3, 4, 1)  # (B, X, Y, Z', K^3), zero on padded z
+        banded = fixed.new_zeros((windows.fixed.shape[0], block, rows))  # band holds g_d(x); zero elsewhere
+        band = windows.band(banded)
+        grad_fixed = torch.zeros_like(windows.fixed) if ctx.needs_input_grad[0] else None
+        grad_padded = torch.zeros_like(windows.padded) if ctx.needs_input_grad[1] else None
+        for d0, d1, k0 in windows.shifts():
+            band.copy_(grad_l[..., k0 : k0 + span].reshape(-1, block, span))
+            if grad_fixed is not None:  # dL/dF_f(x) = sum_d g_d(x) F_m(x + d) / sqrt(C)
+                moving_rows = windows.window(windows.padded, d0, d1, rows).reshape(-1, rows, channels)
+                grad_fixed.baddbmm_(banded, moving_rows)
+            if grad_padded is not None:  # dL/dF_m(x + d) = sum g_d(x) F_f(x) / sqrt(C)
+                grad_rows = torch.bmm(banded.transpose(1, 2), windows.fixed).view(batch, sx, sy, -1, rows, channels)
+                windows.window(grad_padded, d0, d1, block).add_(grad_rows[..., :block, :])
+                windows.window(grad_padded, d0, d1, 2 * radius, start=block).add_(grad_rows[..., block:, :])
+        result_fixed = result_moving = None
+        if grad_fixed is not None:
+            scaled = grad_fixed.view(batch, sx, sy, sz_blocks, channels)[:, :, :, : windows.spatial[2]]
+            result_fixed = scaled.permute(0, 4, 1, 2, 3).mul(1.0 / math.sqrt(channels)).contiguous()
+        if grad_padded is not None:
+            r = radius
+            inner = grad_padded[:, r : r + sx, r : r + sy, r : r + windows.spatial[2]]
+            result_moving = inner.permute(0, 4, 1, 2, 3).contiguous()
+        return result_fixed, result_moving, None
 
 
 class _SadCorrelation(torch.autograd.Function):
