@@ -53,16 +53,30 @@ def _table(cache: Path, data: Path, dataset: str, table: int) -> list[str]:
     return lines
 
 
+def _total_time(cache: Path, training_seconds: float) -> list[str]:
+    """The command's cost so far: registrations (sum of recorded wall times) and trainings."""
+    records = [json.loads(p.read_text()) for p in sorted((cache / "runs").glob("*/*/*.json"))]
+    registering = sum(r["seconds"] for r in records)
+    return [
+        "## Total time", "",
+        f"Registrations: {len(records)} (method, pair) runs, {registering / 3600:.1f} h of wall time in all;",
+        f"trainings of the rows' own networks: {training_seconds / 3600:.1f} h (the shipped `brain` weights' training",
+        "is in their model card). Dataset preparation adds about 10 minutes. Rows were run across several",
+        "sessions, some beside a training job on the same two cores, so per-pair times are upper bounds.", "",
+    ]
+
+
 def write_report(cache: Path, data: Path, target: Path) -> None:
     """Tables 2 and 3 per dataset, the paper's numbers beside, with the protocol; written atomically."""
     counts = {d: len(cases(d, data, cache)) for d in DATASETS}
     models = {m.name: model_path(m, cache) for m in METHODS if m.model}
-    training = []
+    training, training_seconds = [], 0.0
     for name, path in models.items():
         if path is None or not path.is_file():
             continue
         report = path.parent / "report.json"
         seconds = json.loads(report.read_text()).get("seconds") if report.is_file() else None
+        training_seconds += seconds or 0.0
         training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
     lines = [
@@ -84,6 +98,7 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
             lines += _table(cache, data, dataset, table) + [""]
     lines += ["## Networks and their training", "", "| row | model | training wall time |", "|---|---|---|"]
     lines += training + [""]
+    lines += _total_time(cache, training_seconds)
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n" + (target.parent / "results_notes.md").read_text())
     tmp.replace(target)
