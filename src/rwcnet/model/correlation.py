@@ -27,8 +27,7 @@ two inputs are saved for the backward pass.
 * ``"sad"`` is not bilinear: the forward pads the moving features once and writes each shift
   into a preallocated output, and the backward accumulates both gradients in place, shift by
   shift. On CPU the volume is processed in slabs of a few x-slices, looping over all shifts
-  inside a slab, so that the slab's features and gradients stay in cache; features are
-  channels-last there. On CUDA the whole volume is one slab. This path issues thousands of
+  inside a slab, so that the slab's features and gradients stay in cache. On CUDA the whole volume is one slab. This path issues thousands of
   small parallel ops: when other processes share the cores, run with
   ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported; rwcnet does so unless the user
   set it), otherwise OpenMP threads spin at every op and the cost grows several-fold.
@@ -66,8 +65,8 @@ def soft_argmax(cost: Tensor, radius: int, kind: str, temperature: Tensor | floa
     ``"dot"`` is a similarity (softmax of ``cost``), ``"sad"`` a cost (softmax of ``-cost``).
     """
     offsets = torch.tensor(shift_offsets(radius), dtype=cost.dtype, device=cost.device)  # (K, 3)
-    logits = cost if kind == "dot" else -cost
-    weights = torch.softmax(logits / temperature, dim=1)
+    sign = 1.0 if kind == "dot" else -1.0
+    weights = torch.softmax(cost * (sign / temperature), dim=1)
     return torch.einsum("bkxyz,kc->bcxyz", weights, offsets)
 
 
@@ -81,13 +80,6 @@ def _slabs(fixed: Tensor) -> Iterator[tuple[int, int]]:
     step = max(1, _CPU_SLAB_ELEMENTS // max(per_slice, 1))
     for x0 in range(0, size_x, step):
         yield x0, min(size_x, x0 + step)
-
-
-def _layout(tensor: Tensor) -> Tensor:
-    """Channels-last copy on CPU (fastest there), unchanged elsewhere."""
-    if tensor.device.type == "cpu":
-        return tensor.contiguous(memory_format=torch.channels_last_3d)
-    return tensor.contiguous()
 
 
 def _box(volume: Tensor, out: Tensor) -> Tensor:
@@ -123,10 +115,10 @@ def _shift_views(padded: Tensor, x0: int, x1: int, radius: int, spatial: tuple[i
     return [padded.as_strided(size, padded.stride(), offset) for offset in offsets]
 
 
-def _prepare(fixed: Tensor, moving: Tensor, radius: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Fixed features times ``scale`` and the zero-padded moving features, both in the fast layout."""
-    fixed_l = _layout(fixed * scale if scale != 1.0 else fixed)
-    return fixed_l, _layout(F.pad(moving, (radius,) * 6))
+def _prepare(fixed: Tensor, moving: Tensor, radius: int) -> tuple[Tensor, Tensor]:
+    """Contiguous fixed features and zero-padded moving features (channels first: with the few
+    channels of the CPU preset, per-shift sums over channels run 2-3x faster than channels-last)."""
+    return fixed.contiguous(), F.pad(moving, (radius,) * 6).contiguous()
 
 
 def _unpad(padded: Tensor, radius: int, spatial: tuple[int, int, int]) -> Tensor:
@@ -238,7 +230,7 @@ class _SadCorrelation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, fixed: Tensor, moving: Tensor, radius: int) -> Tensor:
         spatial = tuple(fixed.shape[2:])
-        fixed_l, padded = _prepare(fixed, moving, radius, 1.0)
+        fixed_l, padded = _prepare(fixed, moving, radius)
         raw = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *spatial))
         for x0, x1 in _slabs(fixed):
             fixed_slab, raw_slab = fixed_l[:, :, x0:x1], raw[:, :, x0:x1]
@@ -254,7 +246,7 @@ class _SadCorrelation(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         fixed, moving = ctx.saved_tensors
         radius, spatial = ctx.radius, tuple(fixed.shape[2:])
-        fixed_l, padded = _prepare(fixed, moving, radius, 1.0)
+        fixed_l, padded = _prepare(fixed, moving, radius)
         # The box filter is self-adjoint: filter the incoming gradient, then treat the raw SAD.
         grad_raw = _box(grad_out, out=torch.empty_like(grad_out, memory_format=torch.contiguous_format))
         grad_fixed = torch.zeros_like(fixed_l) if ctx.needs_input_grad[0] else None

@@ -31,6 +31,27 @@ class StageState:
     context: torch.Tensor  # (B, K, X, Y, Z), K may be 0
 
 
+def box_mean(volume: torch.Tensor, width: int) -> torch.Tensor:
+    """Mean over the ``width^3`` box around each voxel of ``(B, C, X, Y, Z)``, counting only voxels inside.
+
+    Equal to ``avg_pool3d(volume, width, 1, width // 2, count_include_pad=False)`` for odd ``width``,
+    but for any size (also axes shorter than the box): three 1-D running sums (the box and its
+    in-volume part are both separable), each a difference of cumulative sums.
+    """
+    pad = width // 2
+    for axis in (2, 3, 4):
+        size = volume.shape[axis]
+        padding = [0, 0] * (4 - axis) + [pad + 1, pad]  # F.pad lists the last axis first
+        running = torch.cumsum(F.pad(volume, padding), dim=axis)
+        sums = running.narrow(axis, width, size) - running.narrow(axis, 0, size)
+        index = torch.arange(size, device=volume.device)
+        counts = (index + pad).clamp(max=size - 1) - (index - pad).clamp(min=0) + 1
+        shape = [1] * volume.dim()
+        shape[axis] = size
+        volume = sums / counts.to(volume.dtype).view(shape)
+    return volume
+
+
 class RecurrentStage(nn.Module):
     """Feature/context encoders and the update block of one stage, with its own weights."""
 
@@ -76,9 +97,8 @@ class RecurrentStage(nn.Module):
     def _readout(self, cost: torch.Tensor) -> torch.Tensor:
         """Smoothed soft-argmax of the correlation: a displacement estimate ``(B, 3, X, Y, Z)`` in stage voxels."""
         estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
-        width = self.config.readout_smoothing
-        for _ in range(2 if width > 1 else 0):
-            estimate = F.avg_pool3d(estimate, width, stride=1, padding=width // 2, count_include_pad=False)
+        for _ in range(2 if self.config.readout_smoothing > 1 else 0):
+            estimate = box_mean(estimate, self.config.readout_smoothing)
         return estimate
 
     def iterate(
