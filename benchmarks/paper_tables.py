@@ -255,7 +255,7 @@ def worker(payload: str) -> None:
     out = Path(job["output"])
     write_field(out / field_names(job["fixed"], job["moving"])[0], field.astype(np.float32), fixed)
     peak = max(peak or 0.0, _memory_kb("VmHWM") / 2**20)  # a peer's own process, or this one
-    print(json.dumps({"seconds": seconds, "peak_gb": peak, "base_gb": base / 2**20}))
+    print(json.dumps({"seconds": seconds, "peak_gb": peak, "base_gb": base / 2**20, "threads": job["threads"]}))
 
 
 def blocked(method: Method, dataset: str, cache: Path) -> str | None:

@@ -35,7 +35,7 @@ def _cell(values: list[float], fmt: str, scale: float) -> str:
 
 
 def _table(cache: Path, data: Path, dataset: str, table: int) -> list[str]:
-    header = [c[1] for c in COLUMNS[dataset]] + ["s / pair", "peak GB"]
+    header = [c[1] for c in COLUMNS[dataset]] + ["s / pair", "threads", "peak GB"]
     paper = "paper NLST TRE mm" if dataset == "SYNLUNG" else "paper OASIS Dice %"
     lines = ["| method | " + " | ".join(header) + f" | {paper} | status |", "|---" * (len(header) + 3) + "|"]
     for method in (m for m in METHODS if m.table == table or (table == 3 and m.name == "RWCNet")):
@@ -48,6 +48,7 @@ def _table(cache: Path, data: Path, dataset: str, table: int) -> list[str]:
         scored = [c for c in json.loads(path.read_text())["cases"].values()]
         cells = [_cell([c.get(key) for c in scored], fmt, scale) for key, _, fmt, scale in COLUMNS[dataset]]
         cells.append(_cell([c.get("seconds") for c in scored], "{:.0f}", 1))
+        cells.append("/".join(str(t) for t in sorted({c.get("threads", "?") for c in scored}, key=str)))
         cells.append("{:.2f}".format(max(c.get("peak_gb", 0.0) for c in scored)))
         lines.append(f"| {method.name} | " + " | ".join(cells) + f" | {reference} | done |")
     return lines
