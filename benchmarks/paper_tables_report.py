@@ -76,8 +76,13 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
         if path is None or not path.is_file():
             continue
         report = path.parent / "report.json"
-        seconds = json.loads(report.read_text()).get("seconds") if report.is_file() else None
-        training_seconds += seconds or 0.0
+        if report.is_file():
+            seconds = json.loads(report.read_text()).get("seconds")
+        else:  # a shipped model: its file records its training time
+            from rwcnet.model import load_model
+
+            seconds = load_model(path)[1].get("wall_seconds")
+        training_seconds += 0.0 if "weights" in path.parts else (seconds or 0.0)
         training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
     lines = [
