@@ -139,7 +139,7 @@ class _Windows:
 
     def __init__(self, fixed: Tensor, moving: Tensor, radius: int) -> None:
         batch, channels, sx, sy, sz = fixed.shape
-        self.radius, self.span = radius, 2 * radius + 1
+        self.span = 2 * radius + 1
         self.block = 2 * self.span
         self.spatial = (sx, sy, sz)
         self.blocks = -(-sz // self.block)
@@ -163,7 +163,7 @@ class _Windows:
         width = products.shape[-1]
         return products.as_strided((products.shape[0], self.block, self.span), (self.block * width, width + 1, 1))
 
-    def shifts(self):
+    def shifts(self) -> Iterator[tuple[int, int, int]]:
         """``(d0, d1, first output channel)`` for every in-plane shift (0-based d)."""
         for d0 in range(self.span):
             for d1 in range(self.span):
