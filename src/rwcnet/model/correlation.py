@@ -232,16 +232,11 @@ class _SadCorrelation(torch.autograd.Function):
         spatial = tuple(fixed.shape[2:])
         fixed_l, padded = _prepare(fixed, moving, radius)
         raw = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *spatial))
-        # Accumulating one channel at a time (|f_c - m_c| added into the cost) runs 2-3x faster on
-        # CPU than a difference over all channels followed by a sum over the channel axis.
         for x0, x1 in _slabs(fixed):
-            fixed_slab = fixed_l[:, :, x0:x1]
-            scratch = torch.empty_like(fixed_slab[:, 0])
+            fixed_slab, raw_slab = fixed_l[:, :, x0:x1], raw[:, :, x0:x1]
+            difference = torch.empty_like(fixed_slab)
             for k, moving_slab in enumerate(_shift_views(padded, x0, x1, radius, spatial)):
-                cost = raw[:, k, x0:x1]
-                torch.sub(fixed_slab[:, 0], moving_slab[:, 0], out=cost).abs_()
-                for c in range(1, fixed.shape[1]):
-                    cost.add_(torch.sub(fixed_slab[:, c], moving_slab[:, c], out=scratch).abs_())
+                torch.sum(torch.sub(fixed_slab, moving_slab, out=difference).abs_(), dim=1, out=raw_slab[:, k])
         ctx.save_for_backward(fixed, moving)
         ctx.radius = radius
         return _box(raw, out=raw)
