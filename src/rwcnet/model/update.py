@@ -114,10 +114,10 @@ class ConvexUpsampler(nn.Module):
     def forward(self, field: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         b, c, x, y, z = field.shape
         s = self.factor
-        weights = torch.softmax(0.25 * self.mask(hidden).view(b, 1, 27, s, s, s, x, y, z), dim=2)
+        weights = torch.softmax(self.mask(hidden).mul_(0.25).view(b, 1, 27, s, s, s, x, y, z), dim=2)
         padded = F.pad(field * s, (1, 1, 1, 1, 1, 1), mode="replicate")
         fine = field.new_zeros(b, c, s, s, s, x, y, z)
         for n, (i, j, k) in enumerate((i, j, k) for i in range(3) for j in range(3) for k in range(3)):
             neighbour = padded[:, :, i : i + x, j : j + y, k : k + z].view(b, c, 1, 1, 1, x, y, z)
-            fine = fine + weights[:, :, n] * neighbour
+            fine.addcmul_(weights[:, :, n], neighbour)  # in place: one pass instead of a product and a sum
         return fine.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, x * s, y * s, z * s)
