@@ -12,6 +12,7 @@ import typer
 
 from rwcnet import __version__
 from rwcnet.errors import InputError
+from rwcnet.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="rwcnet",
@@ -54,6 +55,7 @@ app.command()(plot_log)
 
 def main() -> None:
     """Entry point of the ``rwcnet`` console script."""
+    keep_freed_memory()
     try:
         app()
     except InputError as error:
