@@ -1,6 +1,7 @@
 """Cost of the RWCNet presets: parameters, MACs, inference time and peak memory per stage, training step time.
 
     python benchmarks/model_cost.py [--presets cpu reference] [--size 160 192 224] [--threads 2]
+        [--allocator keep|default]
 
 Each measurement runs in a fresh subprocess so that peak memory (ru_maxrss)
 belongs to it alone. Stage ``k`` is timed as the run of stages ``1..k`` minus
@@ -9,6 +10,8 @@ the achieved GMAC/s is set against a plain dense 3^3 convolution measured in
 the same run. ``--scale`` shrinks every axis of the volume for presets too
 slow to run at full size on a CPU: such rows are marked "extrapolated" and
 scaled by the voxel ratio (time and MACs are linear in the voxel count).
+``--allocator keep`` (the default) sets glibc's allocator as the ``rwcnet`` command line does
+(:func:`rwcnet.runtime.keep_freed_memory`); ``default`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def conv_macs(model: RWCNet, shape, num_stages: int) -> float:
 
 
 def worker(args) -> dict:
+    if args.allocator == "keep":
+        from rwcnet.runtime import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = RWCNet(model_preset(args.preset)).eval()
@@ -76,9 +83,9 @@ def worker(args) -> dict:
     return {"seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
-def run(preset: str, task: str, stages: int, size, threads: int) -> dict:
+def run(preset: str, task: str, stages: int, size, threads: int, allocator: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--preset", preset, "--task", task, "--stages", str(stages),
-               "--threads", str(threads), "--size", *map(str, size)]
+               "--threads", str(threads), "--allocator", allocator, "--size", *map(str, size)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -88,6 +95,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["cpu", "reference"])
     parser.add_argument("--size", nargs=3, type=int, default=[160, 192, 224])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep")
     parser.add_argument("--scale", nargs="+", default=["cpu=1", "reference=0.25"], help="per-preset axis scale")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -98,9 +106,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     scales = {k: float(v) for k, v in (item.split("=") for item in args.scale)}
-    dense = run("cpu", "dense", 1, args.size, args.threads)
+    dense = run("cpu", "dense", 1, args.size, args.threads, args.allocator)
     dense_rate = dense["gmac"] / dense["seconds"]
-    print(f"plain dense 3^3 conv 32->32 at 1/4 size: {dense_rate:.1f} GMAC/s ({args.threads} threads)")
+    print(f"plain dense 3^3 conv 32->32 at 1/4 size: {dense_rate:.1f} GMAC/s ({args.threads} threads, allocator {args.allocator})")
     header = f"{'preset':10s} {'stage':>5s} {'params':>9s} {'GMAC':>8s} {'infer s':>8s} {'GMAC/s':>7s} {'peak GB':>8s} {'train step s':>12s}  note"
     print(header)
     for preset in args.presets:
@@ -112,8 +120,8 @@ def main() -> None:
         note = "" if ratio == 1 else f"extrapolated x{ratio:.1f} from {tuple(size)}"
         previous_time, previous_macs = 0.0, 0.0
         for count in range(1, len(config.stages) + 1):
-            infer = run(preset, "infer", count, size, args.threads)
-            train = run(preset, "train", count, size, args.threads)
+            infer = run(preset, "infer", count, size, args.threads, args.allocator)
+            train = run(preset, "train", count, size, args.threads, args.allocator)
             macs = conv_macs(model, [max(config.alignment, n // 4) for n in size], count) * 64 * ratio / 1e9
             stage_time = (infer["seconds"] - previous_time) * ratio
             stage_macs = macs - previous_macs
