@@ -63,7 +63,8 @@ def _total_time(cache: Path, training_seconds: float) -> list[str]:
         f"Registrations: {len(records)} (method, pair) runs, {registering / 3600:.1f} h of wall time in all;",
         f"trainings of the rows' own networks: {training_seconds / 3600:.1f} h (the shipped `brain` weights' training",
         "is in their model card). Dataset preparation adds about 10 minutes. Rows were run across several",
-        "sessions, some beside a training job on the same two cores, so per-pair times are upper bounds.", "",
+        "sessions, some beside a training job on the same two cores, so per-pair times are upper bounds;",
+        "training wall times likewise include periods when benchmarks shared (or paused) the cores.", "",
     ]
 
 
@@ -75,13 +76,9 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
     for name, path in models.items():
         if path is None or not path.is_file():
             continue
-        report = path.parent / "report.json"
-        if report.is_file():
-            seconds = json.loads(report.read_text()).get("seconds")
-        else:  # a shipped model: its file records its training time
-            from rwcnet.model import load_model
+        from rwcnet.model import load_model
 
-            seconds = load_model(path)[1].get("wall_seconds")
+        seconds = load_model(path)[1].get("wall_seconds")  # every model file records its training time
         training_seconds += 0.0 if "weights" in path.parts else (seconds or 0.0)
         training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
