@@ -7,7 +7,7 @@ Cases:
   (:mod:`rwcnet.metrics`, the official scorer's rule), brain preset (g 6, h 4, λ 1.25, 80 steps).
 * ``lung``: a semi-synthetic NLST-like pair: the shared lung CT (fixed) and a copy warped by a
   known breathing deformation (:func:`rwcnet.synthetic.breathing_deformation`, 15 mm, lung mask
-  from :func:`rwcnet.synthetic.lung_mask`); TRE in mm over keypoints sampled in the fixed lung
+  from :func:`rwcnet.masks.lung_mask`); TRE in mm over keypoints sampled in the fixed lung
   mask and carried through the known field; lung preset (g 4, h 6, λ 0.65, 50 steps), both
   methods given the fixed and moving lung masks.
 
@@ -114,13 +114,13 @@ def _brain_case(data: Path) -> tuple[dict, dict]:
 
 def _lung_case(data: Path, keypoints: int) -> tuple[dict, dict]:
     """Inputs and ground truth of the semi-synthetic lung pair (known breathing deformation)."""
-    from rwcnet import synthetic
+    from rwcnet import masks, synthetic
     from rwcnet.io import read_image
 
     ct = read_image(data / "lung" / "imagesTr" / "LUNG_0001_0000.nii.gz")
     spacing = tuple(float(s) for s in ct.spacing)
     array = ct.array.astype(np.float32)
-    mask = synthetic.lung_mask(array, spacing, axis=2)
+    mask = masks.lung_mask(array, spacing, axis=2)
     phi = synthetic.breathing_deformation(ct.shape, spacing, amplitude_mm=15.0, axis=2, towards="+", lung_mask=mask, seed=0)
     pair = synthetic.make_pair(array, mask=mask, deformation=phi, spacing_mm=spacing, warped_role="moving",
                                n_keypoints=keypoints, keypoint_distance=4.0, seed=0)

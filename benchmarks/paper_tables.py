@@ -129,7 +129,7 @@ def prepare_brain(data: Path, cache: Path) -> None:
 
 def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     """``SYNLUNG``: breathing pairs of the shared CT with lung masks and keypoints."""
-    from rwcnet import synthetic
+    from rwcnet import masks, synthetic
     from rwcnet.io import read_image, write_image
 
     root = cache / "data" / "SYNLUNG"
@@ -138,7 +138,7 @@ def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     ct = read_image(data / "lung" / "imagesTr" / "LUNG_0001_0000.nii.gz")
     spacing = tuple(float(s) for s in ct.spacing)
     array = ct.array.astype(np.float32)
-    mask = synthetic.lung_mask(array, spacing, axis=2)
+    mask = masks.lung_mask(array, spacing, axis=2)
     for folder in ("imagesTr", "masksTr", "keypointsTr", "truth"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     pairs, training = [], []

@@ -1,4 +1,4 @@
-"""Semi-synthetic pairs: invertible fields, inverse residual, carried labels/masks/keypoints, lung masks."""
+"""Semi-synthetic pairs: invertible fields, inverse residual, carried labels/masks/keypoints; lung masks and keypoint sampling (rwcnet.masks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from rwcnet import geometry, synthetic
+from rwcnet import geometry, masks, synthetic
 
 SHAPE = (48, 48, 48)
 SPACING = (1.5, 1.5, 1.5)
@@ -223,29 +223,29 @@ def _phantom(shape=(64, 56, 60), spacing=(2.0, 2.0, 2.5)):
 
 def test_lung_mask_recovers_phantom_lungs():
     ct, lungs, spacing = _phantom()
-    mask = synthetic.lung_mask(ct, spacing)
+    mask = masks.lung_mask(ct, spacing)
     assert mask.dtype == bool and mask.shape == ct.shape
     dice = 2 * (mask & lungs).sum() / (mask.sum() + lungs.sum())
     assert dice > 0.9
     assert ndimage.label(mask)[1] == 2
-    assert not synthetic.lung_mask(np.zeros((8, 8, 8)), spacing).any()
+    assert not masks.lung_mask(np.zeros((8, 8, 8)), spacing).any()
     with pytest.raises(ValueError):
-        synthetic.lung_mask(np.zeros((8, 8)), spacing)
+        masks.lung_mask(np.zeros((8, 8)), spacing)
 
 
 def test_sample_keypoints_inside_mask_and_apart():
     mask = _blobs() > 0
-    points = synthetic.sample_keypoints(mask, 60, seed=2, min_distance=4.0)
+    points = masks.sample_keypoints(mask, 60, seed=2, min_distance=4.0)
     assert points.shape == (60, 3) and points.dtype == np.float64
     assert mask[tuple(points.astype(int).T)].all()
     assert pdist(points).min() >= 4.0
-    np.testing.assert_array_equal(points, synthetic.sample_keypoints(torch.as_tensor(mask)[None, None], 60, seed=2,
+    np.testing.assert_array_equal(points, masks.sample_keypoints(torch.as_tensor(mask)[None, None], 60, seed=2,
                                                                      min_distance=4.0))
-    crowded = synthetic.sample_keypoints(np.ones((4, 4, 4), dtype=bool), 100, min_distance=2.0)
+    crowded = masks.sample_keypoints(np.ones((4, 4, 4), dtype=bool), 100, min_distance=2.0)
     assert 0 < len(crowded) < 100 and pdist(crowded).min() >= 2.0
-    assert len(synthetic.sample_keypoints(mask, 10)) == 10
+    assert len(masks.sample_keypoints(mask, 10)) == 10
     with pytest.raises(ValueError):
-        synthetic.sample_keypoints(np.zeros((4, 4, 4), dtype=bool), 5)
+        masks.sample_keypoints(np.zeros((4, 4, 4), dtype=bool), 5)
 
 
 def test_lung_mask_of_shared_ct_has_a_plausible_volume(shared_data):
@@ -254,6 +254,6 @@ def test_lung_mask_of_shared_ct_has_a_plausible_volume(shared_data):
         pytest.skip(f"no lung CT at {path}")
     image = nib.load(path)
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
-    mask = synthetic.lung_mask(np.asarray(image.dataobj), spacing, axis=2)
+    mask = masks.lung_mask(np.asarray(image.dataobj), spacing, axis=2)
     litres = mask.sum() * np.prod(spacing) / 1e6
     assert 2.0 < litres < 8.0

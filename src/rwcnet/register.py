@@ -174,7 +174,7 @@ def register(
         if masks[1] is not None:
             masks[1] = resample_image(masks[1], fixed_img, order=0)
     if modality == "ct" and masks[0] is None and masks[1] is None:
-        from rwcnet.synthetic import lung_mask
+        from rwcnet.masks import lung_mask
 
         stage("lung masks")
         masks = [Image(lung_mask(img.array, img.spacing).astype(np.uint8), img.affine) for img in (fixed_img, moving_img)]
