@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from rwcnet import geometry
@@ -250,3 +251,27 @@ def test_cuda_matches_cpu():
     assert torch.equal(geometry.warp_labels(labels.to(cuda), field.to(cuda)).cpu(), geometry.warp_labels(labels, field))
     torch.testing.assert_close(geometry.compose(field.to(cuda), field.to(cuda)).cpu(), geometry.compose(field, field))
     torch.testing.assert_close(geometry.jacobian_determinant(field.to(cuda)).cpu(), geometry.jacobian_determinant(field))
+
+
+@pytest.mark.parametrize("size_x", [12, 13])  # even and uneven split into slabs
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_slab_parallel_sampling_equals_one_grid_sample(size_x, mode):
+    torch.manual_seed(3)
+    volume = torch.randn(1, 4, 9, 8, 7, dtype=torch.float64, requires_grad=True)
+    coords = (geometry.identity_grid((size_x, 6, 5), dtype=torch.float64) * 0.6
+              + 2.5 * torch.randn(1, 3, size_x, 6, 5, dtype=torch.float64)).requires_grad_()
+    grid = geometry._normalise(coords, volume.shape[2:])
+    expected = F.grid_sample(volume, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = geometry.sample(volume, coords, mode=mode, padding_mode="zeros")
+    finally:
+        torch.set_num_threads(threads)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(expected)
+    want = torch.autograd.grad((expected * weights).sum(), [volume, coords], allow_unused=True)
+    have = torch.autograd.grad((got * weights).sum(), [volume, coords], allow_unused=True)
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b)

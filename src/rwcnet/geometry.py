@@ -50,7 +50,29 @@ def sample(volume: Tensor, coords: Tensor, *, mode: str = "bilinear", padding_mo
     if coords.shape[0] != volume.shape[0] and coords.shape[0] == 1:
         coords = coords.expand(volume.shape[0], *coords.shape[1:])
     grid = _normalise(coords.to(volume.dtype), volume.shape[2:])
-    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return _grid_sample(volume, grid, mode, padding_mode)
+
+
+def _grid_sample(volume: Tensor, grid: Tensor, mode: str, padding_mode: str) -> Tensor:
+    """``F.grid_sample`` (``align_corners=True``) of ``(1, C, X, Y, Z)`` at ``grid`` ``(1, X', Y', Z', 3)``.
+
+    torch's 3-D CPU kernel spreads work over the batch only, so a single volume runs on one
+    core. On CPU the grid is cut along its first axis into one slab per thread, sampled as a
+    batch of the same (expanded, not copied) volume, and the slabs are put back together:
+    the same values, about twice as fast on 2 cores.
+    """
+    parts = min(torch.get_num_threads(), grid.shape[1])
+    if volume.device.type != "cpu" or volume.shape[0] != 1 or parts < 2:
+        return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    size = grid.shape[1]
+    slab = -(-size // parts)
+    padded = F.pad(grid, (0, 0, 0, 0, 0, 0, 0, slab * parts - size))  # extra rows sample the centre; cut below
+    slabs = padded.view(parts, slab, *grid.shape[2:])
+    out = F.grid_sample(volume.expand(parts, *volume.shape[1:]), slabs, mode=mode, padding_mode=padding_mode,
+                        align_corners=True)
+    channels = volume.shape[1]
+    out = out.transpose(0, 1).reshape(1, channels, slab * parts, *grid.shape[2:4])
+    return out if slab * parts == size else out[:, :, :size].contiguous()
 
 
 def warp(
