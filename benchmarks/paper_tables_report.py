@@ -72,13 +72,15 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
     """Tables 2 and 3 per dataset, the paper's numbers beside, with the protocol; written atomically."""
     counts = {d: len(cases(d, data, cache)) for d in DATASETS}
     models = {m.name: model_path(m, cache) for m in METHODS if m.model}
-    training, training_seconds = [], 0.0
+    from rwcnet.model import load_model
+
+    training, training_seconds, wall_seconds = [], 0.0, {}
     for name, path in models.items():
         if path is None or not path.is_file():
             continue
-        from rwcnet.model import load_model
-
-        seconds = load_model(path)[1].get("wall_seconds")  # every model file records its training time
+        if path not in wall_seconds:  # every model file records its training time; rows may share a file
+            wall_seconds[path] = load_model(path)[1].get("wall_seconds")
+        seconds = wall_seconds[path]
         training_seconds += 0.0 if "weights" in path.parts else (seconds or 0.0)
         training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")

@@ -62,7 +62,7 @@ def _grid_sample(volume: Tensor, grid: Tensor, mode: str, padding_mode: str) -> 
     the same values, about twice as fast on 2 cores.
     """
     parts = min(torch.get_num_threads(), grid.shape[1])
-    if volume.device.type != "cpu" or volume.shape[0] != 1 or parts < 2:
+    if volume.device.type != "cpu" or volume.shape[0] != 1 or grid.shape[0] != 1 or parts < 2:
         return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     size = grid.shape[1]
     slab = -(-size // parts)

@@ -27,8 +27,9 @@ two inputs are saved for the backward pass.
 * ``"sad"`` is not bilinear: the forward pads the moving features once and writes each shift
   into a preallocated output, and the backward accumulates both gradients in place, shift by
   shift. On CPU the volume is processed in slabs of a few x-slices, looping over all shifts
-  inside a slab, so that the slab's features and gradients stay in cache. On CUDA the whole volume is one slab. This path issues thousands of
-  small parallel ops: when other processes share the cores, run with
+  inside a slab, so that the slab's features and gradients stay in cache. On CUDA the whole
+  volume is one slab. This path issues thousands of small parallel ops: when other processes
+  share the cores, run with
   ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported; rwcnet does so unless the user
   set it), otherwise OpenMP threads spin at every op and the cost grows several-fold.
 """
