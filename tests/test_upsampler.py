@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -26,9 +27,12 @@ def _brute_force(upsampler: ConvexUpsampler, field: torch.Tensor, hidden: torch.
     return out
 
 
-def test_matches_brute_force_and_passes_gradients():
+@pytest.mark.parametrize("planes_per_slab", [None, 1, 2])  # whole volume; one plane; uneven slabs (2 + 1)
+def test_matches_brute_force_and_passes_gradients(planes_per_slab):
     torch.manual_seed(0)
     upsampler = ConvexUpsampler(hidden=5, channels=6, factor=2).double()
+    if planes_per_slab is not None:  # bytes of the mask weights of one X plane: batch 2, 27 * 2^3 channels, 4×2, float64
+        upsampler.slab_bytes = planes_per_slab * 2 * 27 * 8 * 4 * 2 * 8
     field = torch.randn(2, 3, 3, 4, 2, dtype=torch.float64, requires_grad=True)
     hidden = torch.randn(2, 5, 3, 4, 2, dtype=torch.float64)
     fine = upsampler(field, hidden)

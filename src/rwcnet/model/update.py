@@ -104,6 +104,9 @@ class ConvexUpsampler(nn.Module):
     neighbours. Values are multiplied by ``factor`` (voxels of the finer grid).
     """
 
+    #: Size of the mask weights computed at once (bytes); see :meth:`forward`.
+    slab_bytes = 128 * 2**20
+
     def __init__(self, hidden: int, channels: int, factor: int) -> None:
         super().__init__()
         self.factor = factor
@@ -112,12 +115,26 @@ class ConvexUpsampler(nn.Module):
         )
 
     def forward(self, field: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``field`` (B, 3, X, Y, Z) in coarse voxels, ``hidden`` (B, H, X, Y, Z) -> (B, 3, sX, sY, sZ) in fine voxels.
+
+        The mask's last (1×1) layer and the softmax run on slabs of about :attr:`slab_bytes`
+        along X, so the ``27 * factor^3`` weight channels never exist for the whole volume
+        at once (743 MB at 80×96×112 for ``factor`` 2); the result is the same.
+        """
         b, c, x, y, z = field.shape
         s = self.factor
-        weights = torch.softmax(self.mask(hidden).mul_(0.25).view(b, 1, 27, s, s, s, x, y, z), dim=2)
+        conv, relu, last = self.mask
+        features = relu(conv(hidden))
         padded = F.pad(field * s, (1, 1, 1, 1, 1, 1), mode="replicate")
-        fine = field.new_zeros(b, c, s, s, s, x, y, z)
-        for n, (i, j, k) in enumerate((i, j, k) for i in range(3) for j in range(3) for k in range(3)):
-            neighbour = padded[:, :, i : i + x, j : j + y, k : k + z].view(b, c, 1, 1, 1, x, y, z)
-            fine.addcmul_(weights[:, :, n], neighbour)  # in place: one pass instead of a product and a sum
-        return fine.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, x * s, y * s, z * s)
+        planes = max(1, self.slab_bytes // (b * 27 * s**3 * y * z * field.element_size()))
+        slabs = []
+        for x0 in range(0, x, planes):
+            n = min(planes, x - x0)
+            logits = last(features[:, :, x0 : x0 + n]).mul_(0.25).view(b, 1, 27, s, s, s, n, y, z)
+            weights = torch.softmax(logits, dim=2)
+            fine = field.new_zeros(b, c, s, s, s, n, y, z)
+            for m, (i, j, k) in enumerate((i, j, k) for i in range(3) for j in range(3) for k in range(3)):
+                neighbour = padded[:, :, x0 + i : x0 + i + n, j : j + y, k : k + z].view(b, c, 1, 1, 1, n, y, z)
+                fine.addcmul_(weights[:, :, m], neighbour)  # in place: one pass instead of a product and a sum
+            slabs.append(fine.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, n * s, y * s, z * s))
+        return slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=2)
