@@ -203,9 +203,13 @@ def test_cuda_matches_cpu(kind: str) -> None:
         torch.testing.assert_close(cuda_tensor, cpu_tensor)
 
 
-def test_soft_argmax_recovers_the_best_shift_and_is_a_weighted_mean():
+@pytest.mark.parametrize("slab_planes", [None, 1, 3])  # whole volume; one X plane per slab; uneven slabs (3 + 1)
+def test_soft_argmax_recovers_the_best_shift_and_is_a_weighted_mean(slab_planes, monkeypatch):
+    from rwcnet.model import correlation
     from rwcnet.model.correlation import shift_offsets, soft_argmax
 
+    if slab_planes is not None:  # values in one X plane of the (2, 125, 4, 3, 5) cost below
+        monkeypatch.setattr(correlation, "_READOUT_SLAB_ELEMENTS", slab_planes * 2 * 125 * 3 * 5)
     torch.manual_seed(0)
     radius = 2
     offsets = torch.tensor(shift_offsets(radius), dtype=torch.float64)
@@ -213,6 +217,14 @@ def test_soft_argmax_recovers_the_best_shift_and_is_a_weighted_mean():
     expected = torch.einsum("bkxyz,kc->bcxyz", torch.softmax(cost / 0.7, dim=1), offsets)
     torch.testing.assert_close(soft_argmax(cost, radius, "dot", 0.7), expected)
     torch.testing.assert_close(soft_argmax(-cost, radius, "sad", 0.7), expected)  # a cost: smaller is better
+    temperature = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    leaf = cost.clone().requires_grad_(True)
+    soft_argmax(leaf, radius, "dot", temperature).pow(2).sum().backward()
+    reference = cost.clone().requires_grad_(True)
+    reference_temperature = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    torch.einsum("bkxyz,kc->bcxyz", torch.softmax(reference / reference_temperature, dim=1), offsets).pow(2).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad)
+    torch.testing.assert_close(temperature.grad, reference_temperature.grad)
     peaked = torch.zeros(1, len(offsets), 2, 2, 2, dtype=torch.float64)
     best = shift_offsets(radius).index((1, -2, 0))
     peaked[:, best] = 50.0
