@@ -56,12 +56,17 @@ def _phantom(shape, seed=0, margin=0) -> torch.Tensor:
     return image
 
 
-def test_mind_equals_brute_force_on_a_tiny_volume():
+@pytest.mark.parametrize("differentiable", [False, True])  # in-place path (no autograd) and the autograd path
+def test_mind_equals_brute_force_on_a_tiny_volume(differentiable):
     rng = np.random.default_rng(1)
     image = rng.random((6, 5, 7))
     expected = _brute_force_mind(image, radius=1, dilation=2)
-    got = mind_ssc(torch.from_numpy(image).float()[None, None])[0].numpy()
-    np.testing.assert_allclose(got, expected, atol=2e-5)
+    tensor = torch.from_numpy(image).float()[None, None].requires_grad_(differentiable)
+    features = mind_ssc(tensor)
+    np.testing.assert_allclose(features[0].detach().numpy(), expected, atol=2e-5)
+    if differentiable:
+        features.square().sum().backward()
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
 
 
 def test_mind_shape_range_and_batching():

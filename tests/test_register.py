@@ -74,6 +74,22 @@ def test_a_model_on_another_working_grid_returns_the_field_on_the_fixed_grid(tmp
     assert any("working grid" in note for note in result.notes)
 
 
+def test_network_memory_is_released_before_instance_optimisation(tmp_path, monkeypatch):
+    import rwcnet.register as register_module
+
+    stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
+                        motion_channels=8, head_channels=8, flow_kernel=3)
+    path = tmp_path / "model.pt"
+    save_model(path, RWCNet(ModelConfig(stages=[stage], dropout=0.0)), {})
+    events = []
+    optimise = register_module.instance_optimise
+    monkeypatch.setattr(register_module, "release_freed_memory", lambda: events.append("release") or True)
+    monkeypatch.setattr(register_module, "instance_optimise", lambda *a, **k: events.append("io") or optimise(*a, **k))
+    fixed = Image(blobs((16, 16, 16), 3), np.eye(4))
+    register(fixed, fixed, model=path, io_iterations=1, device="cpu")
+    assert events == ["release", "io"]
+
+
 @pytest.fixture()
 def images(tmp_path):
     affine = np.eye(4)

@@ -88,10 +88,16 @@ def mind_ssc(image: Tensor, radius: int = 1, dilation: int = 2, *, eps: float = 
         image = image.float()
     padded = F.pad(image, (dilation,) * 6, mode="replicate")
     neighbours = [_shifted(padded, tuple(dilation * o for o in offset), dilation) for offset in SIX_NEIGHBOURHOOD]
-    distances = torch.cat([neighbours[i] - neighbours[j] for i, j in MIND_PAIRS], dim=1).square_()
+    differentiable = torch.is_grad_enabled() and image.requires_grad
+    if differentiable:
+        distances = torch.cat([neighbours[i] - neighbours[j] for i, j in MIND_PAIRS], dim=1).square()
+    else:  # into one tensor: no list of 12 temporaries to concatenate (330 MB less at 160×192×224)
+        distances = image.new_empty(image.shape[0], len(MIND_PAIRS), *image.shape[2:])
+        for channel, (i, j) in enumerate(MIND_PAIRS):
+            torch.sub(neighbours[i], neighbours[j], out=distances[:, channel : channel + 1])
+        distances.square_()
     distances = box_filter(distances, radius, padding="replicate")
     minimum = distances.min(dim=1, keepdim=True).values
-    differentiable = torch.is_grad_enabled() and image.requires_grad
     distances = distances - minimum if differentiable else distances.sub_(minimum)
     variance = distances.mean(dim=1, keepdim=True)
     global_mean = variance.mean(dim=(1, 2, 3, 4), keepdim=True)

@@ -27,6 +27,7 @@ from rwcnet.intensity import normalise
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.model import RWCNet, load_model
 from rwcnet.optimize import instance_optimise
+from rwcnet.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ def register(
         with torch.inference_mode():
             field = network(images[0], images[1]).field
         seconds["network"] = time.perf_counter() - t
+        release_freed_memory()
     if io and method == "rwcnet":
         stage("instance optimisation")
         t = time.perf_counter()

@@ -21,6 +21,16 @@ _M_MMAP_MAX = -4
 ENVIRONMENT_SWITCH = "RWCNET_KEEP_FREED_MEMORY"
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def keep_freed_memory(trim_threshold_bytes: int = 1 << 30) -> bool:
     """Serve large blocks from the heap and return freed memory to the system only above ``trim_threshold_bytes``.
 
@@ -30,14 +40,25 @@ def keep_freed_memory(trim_threshold_bytes: int = 1 << 30) -> bool:
     """
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     threshold = min(int(trim_threshold_bytes), 2**31 - 1)
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); ``False`` where unavailable.
+
+    Called between the stages of a registration: with :func:`keep_freed_memory` the network's
+    freed temporaries (about 1 GB) would otherwise stay resident while instance optimisation
+    allocates its own. Returns whether memory was released.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
