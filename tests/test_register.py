@@ -90,6 +90,33 @@ def test_network_memory_is_released_before_instance_optimisation(tmp_path, monke
     assert events == ["release", "io"]
 
 
+@pytest.mark.parametrize(
+    "recorded, expected",
+    [
+        ({"kind": "range", "low": -1000.0, "high": 1000.0}, lambda hu: (hu + 1000.0) / 2000.0),
+        ({"kind": "window", "low": -500.0, "high": 500.0}, lambda hu: np.clip((hu + 500.0) / 1000.0, 0, 1)),
+        ({"kind": "none", "low": 0.0, "high": 1.0}, lambda hu: np.clip((hu + 1000.0) / 1600.0, 0, 1)),  # CT window preset
+    ],
+)
+def test_the_network_sees_intensities_normalised_as_it_was_trained(tmp_path, monkeypatch, recorded, expected):
+    import rwcnet.register as register_module
+
+    stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
+                        motion_channels=8, head_channels=8, flow_kernel=3)
+    network = RWCNet(ModelConfig(stages=[stage], dropout=0.0))
+    path = tmp_path / "model.pt"
+    save_model(path, network, {"normalisation": recorded})
+    seen = []
+    forward = RWCNet.forward
+    monkeypatch.setattr(RWCNet, "forward", lambda self, f, m, **k: seen.append(f.clone()) or forward(self, f, m, **k))
+    hounsfield = (blobs((16, 16, 16), 4) * 3000.0 - 1500.0).astype(np.float32)
+    fixed = Image(hounsfield, np.eye(4))
+    mask = Image(np.ones_like(hounsfield, np.uint8), np.eye(4))  # a given mask: no lung-mask computation
+    result = register_module.register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
+    np.testing.assert_allclose(seen[0][0, 0].numpy(), expected(hounsfield), rtol=1e-5, atol=1e-6)
+    assert any("as the model was trained" in note for note in result.notes) == (recorded["kind"] != "none")
+
+
 @pytest.fixture()
 def images(tmp_path):
     affine = np.eye(4)

@@ -19,6 +19,12 @@ Modality = Literal["mr", "ct"]
 CT_RANGES: dict[str, tuple[float, float]] = {"window": (-1000.0, 600.0), "paper": (-4000.0, 16000.0)}
 
 
+def scale_intensity(array: np.ndarray, low: float, high: float, *, clip: bool) -> np.ndarray:
+    """``(I − low) / (high − low)`` as float32, clipped to [0, 1] when ``clip`` (a window)."""
+    scaled = (np.asarray(array, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0) if clip else scaled
+
+
 def normalise(array: np.ndarray, modality: str, *, ct_range: str = "window") -> np.ndarray:
     """Map intensities of an ``(X, Y, Z)`` image to [0, 1] for ``modality`` ``mr`` or ``ct``; float32."""
     data = np.asarray(array, dtype=np.float32)
@@ -29,5 +35,5 @@ def normalise(array: np.ndarray, modality: str, *, ct_range: str = "window") -> 
         if ct_range not in CT_RANGES:
             raise InputError(f"unknown CT intensity range {ct_range!r}; use one of {', '.join(CT_RANGES)}")
         low, high = CT_RANGES[ct_range]
-        return np.clip((data - low) / (high - low), 0.0, 1.0)
+        return scale_intensity(data, low, high, clip=True)
     raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")

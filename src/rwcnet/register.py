@@ -23,7 +23,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.intensity import normalise
+from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.model import RWCNet, load_model
 from rwcnet.optimize import instance_optimise
@@ -91,6 +91,25 @@ def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -
     return affine, shape  # type: ignore[return-value]
 
 
+def intensity_mapping(metadata: dict, modality: str, ct_range: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """How to normalise images for a model: as it was trained, if its file records a range; else by ``modality``.
+
+    ``metadata["normalisation"]`` is the training config's ``{kind, low, high}``: ``range`` maps
+    ``low..high`` to 0..1, ``window`` also clips to [0, 1], ``none`` (or no record) means the images
+    were used as stored, and the modality's preset applies. Returns the mapping and a note
+    (empty when the modality's preset is used).
+    """
+    trained = metadata.get("normalisation") or {}
+    kind = trained.get("kind", "none")
+    if kind in ("range", "window"):
+        low, high = float(trained["low"]), float(trained["high"])
+        return (
+            lambda array: scale_intensity(array, low, high, clip=kind == "window"),
+            f"intensities normalised as the model was trained: {kind} {low:g}..{high:g}",
+        )
+    return (lambda array: normalise(array, modality, ct_range=ct_range)), ""
+
+
 def _as_image(value: Image | str | Path, what: str) -> Image:
     if isinstance(value, Image):
         return value
@@ -147,8 +166,9 @@ def register(
     ``model`` is a shipped model name (``"brain"``), a model file, or
     ``None`` for instance optimisation alone (also used, with a note, when the
     shipped weights are absent). ``modality`` picks intensity normalisation
-    and the instance-optimisation preset (``mr``: brain, ``ct``: lung; for CT
-    without masks, lung masks are computed). Seeds torch with ``seed``.
+    (unless the model file records the range it was trained with, see
+    :func:`intensity_mapping`) and the instance-optimisation preset (``mr``:
+    brain, ``ct``: lung; for CT without masks, lung masks are computed). Seeds torch with ``seed``.
     ``method="convexadam"`` runs the in-package ConvexAdam baseline instead
     of the network (``io`` then toggles its Adam stage).
     """
@@ -193,11 +213,13 @@ def register(
         work_ref, on_fixed_grid = fixed_img, True
     if not on_fixed_grid:
         notes.append(f"working grid {metadata['orientation']} {tuple(work_ref.shape)} at {metadata.get('spacing_mm', 1.0)} mm")
-    norm = metadata.get("normalisation", {}).get("ct_range", ct_range) if modality == "ct" else ct_range
+    intensities, intensity_note = intensity_mapping(metadata if network is not None else {}, modality, ct_range)
+    if intensity_note:
+        notes.append(intensity_note)
     images = []
     for img in (fixed_img, moving_img):
         on_work = img if on_fixed_grid else resample_image(img, work_ref, order=1)
-        images.append(_tensor(normalise(on_work.array, modality, ct_range=norm), dev))
+        images.append(_tensor(intensities(on_work.array), dev))
     work_masks = [
         None if m is None else _tensor(m.array > 0 if on_fixed_grid else resample_image(m, work_ref, order=0).array > 0, dev)
         for m in masks

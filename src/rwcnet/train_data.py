@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from rwcnet import geometry
 from rwcnet.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
+from rwcnet.intensity import scale_intensity
 from rwcnet.io import Image, read_image, read_keypoints
 from rwcnet.synthetic import IntensitySettings, intensity_perturbation, make_pair, random_deformation
 from rwcnet.train_config import DataConfig, IntensityConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
@@ -76,11 +77,9 @@ class _Entry:
 
 def normalise(array: np.ndarray, normalisation: Normalisation) -> np.ndarray:
     """Intensities to the network's range: unchanged, ``(I − low)/(high − low)``, or that clipped to [0, 1]."""
-    array = np.asarray(array, dtype=np.float32)
     if normalisation.kind == "none":
-        return array
-    scaled = (array - normalisation.low) / (normalisation.high - normalisation.low)
-    return np.clip(scaled, 0.0, 1.0) if normalisation.kind == "window" else scaled
+        return np.asarray(array, dtype=np.float32)
+    return scale_intensity(array, normalisation.low, normalisation.high, clip=normalisation.kind == "window")
 
 
 def _pad(volume: Tensor, alignment: int, mode: str) -> Tensor:
