@@ -16,7 +16,10 @@ interrupted run continues where it stopped, across sessions):
 * ``train`` trains each network row that has no model yet with the ``cpu-brain`` schedule
   (:func:`rwcnet.train_config.training_preset`), its network replaced (``rwcnet train
   --resume``, so an interrupted training continues). The ``rwcnet`` row uses the shipped
-  ``brain`` weights, trained with that same schedule.
+  ``brain`` weights, trained with that same schedule. With ``SYNLUNG`` among the datasets,
+  the LapIRN and RWCNet rows also get lung networks: the same schedule on random
+  deformations of the one shared CT (:func:`lung_schedule`; ``prepare`` writes that
+  one-image training set as ``LUNGTRAIN``).
 * ``run`` registers every (method, case) in its own subprocess and records wall time and peak
   resident memory (``VmHWM``); the field is written with the Learn2Reg name, then a small JSON
   record. A record present means done.
@@ -24,7 +27,7 @@ interrupted run continues where it stopped, across sessions):
   the endpoint error against the known fields of the semi-synthetic pairs.
 * ``report`` writes ``docs/results.md`` from the scores (``benchmarks/paper_tables_report.py``).
 
-Network rows without a lung model are reported as not run: only brain weights are trained here.
+The Table 3 ablations are trained on brains only, so they have no lung rows.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Method:
     options: dict
     model: str | None = None  # "shipped:brain" or the training run name under CACHE/train
     network: str | None = None  # network preset trained with the cpu-brain schedule
+    lung_model: str | None = None  # training run name under CACHE/train of the network for SYNLUNG
     peer: str | None = None  # classical peer run in its own environment (rwcnet.peers)
 
 
@@ -61,9 +65,9 @@ METHODS = [
     Method("zero displacement", 2, {}),
     Method("ConvexAdam", 2, {"method": "convexadam", "io": True}),
     Method("ConvexAdam without IO", 2, {"method": "convexadam", "io": False}),
-    Method("LapIRN", 2, {"io": False}, model="lapirn", network="lapirn-cpu"),
-    Method("RWCNet", 2, {"io": False}, model="shipped:brain"),
-    Method("RWCNet with IO", 2, {"io": True}, model="shipped:brain"),
+    Method("LapIRN", 2, {"io": False}, model="lapirn", network="lapirn-cpu", lung_model="lapirn_lung"),
+    Method("RWCNet", 2, {"io": False}, model="shipped:brain", network="cpu", lung_model="rwcnet_lung"),
+    Method("RWCNet with IO", 2, {"io": True}, model="shipped:brain", network="cpu", lung_model="rwcnet_lung"),
     Method("ANTs SyN", 2, {}, peer="ants"),
     Method("elastix B-spline", 2, {}, peer="elastix"),
     Method("single resolution", 3, {"io": False}, model="single_resolution", network="cpu:single_resolution"),
@@ -166,9 +170,27 @@ def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     _write_dataset(root, "SYNLUNG", meta)
 
 
+def prepare_lung_training(data: Path, cache: Path) -> None:
+    """``LUNGTRAIN``: the shared thorax CT as the one training image of the lung networks.
+
+    There is no other CT, so the lung networks train on random deformations of the very
+    CT that the ``SYNLUNG`` test pairs deform by breathing fields (other seeds, another kind of
+    field): the same anatomy, which the report states.
+    """
+    root = cache / "data" / "LUNGTRAIN"
+    if (root / "LUNGTRAIN_dataset.json").is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    image = (data / "lung" / "imagesTr" / "LUNG_0001_0000.nii.gz").resolve()
+    meta = {"name": "LUNGTRAIN", "pairings": "unpaired", "modality": {"0": "CT"}, "training": [{"image": str(image)}]}
+    _write_dataset(root, "LUNGTRAIN", meta)
+
+
 # ----------------------------------------------------------------------------------------- train
-def model_path(method: Method, cache: Path) -> Path | None:
-    """The model file a network row uses (None when it needs none); may not exist yet."""
+def model_path(method: Method, cache: Path, dataset: str = "BRAIN") -> Path | None:
+    """The model file a network row uses on ``dataset`` (None when it needs none); may not exist yet."""
+    if dataset == "SYNLUNG":
+        return cache / "train" / method.lung_model / "model.pt" if method.lung_model else None
     if method.model is None:
         return None
     if method.model.startswith("shipped:"):
@@ -178,30 +200,56 @@ def model_path(method: Method, cache: Path) -> Path | None:
     return cache / "train" / method.model / "model.pt"
 
 
-def train(method: Method, data: Path, cache: Path) -> None:
-    """Train one network row with the cpu-brain schedule (resuming), unless its model exists."""
+def lung_schedule(config, dataset: Path):
+    """The cpu-brain schedule with the lung data: the one CT, random 5-15 mm deformations, a Hounsfield window.
+
+    Same steps, patches, learning rate and losses as the brain networks; only the data change:
+    no real pairs (there is one CT), larger and smoother deformations (breathing moves the
+    diaphragm 10-20 mm), the ``window`` intensity range that ``register`` uses for CT, and patch
+    centres in the body (normalised intensity above 0.05, i.e. above about -920 HU).
+    """
+    from rwcnet.intensity import CT_RANGES
+    from rwcnet.train_config import Normalisation, SyntheticConfig
+
+    low, high = CT_RANGES["window"]
+    data = config.data.model_copy(update={
+        "dataset": str(dataset), "exclude": [], "real_fraction": 0.0,
+        "synthetic": SyntheticConfig(magnitude_mm=(5.0, 15.0), smoothness_mm=(20.0, 40.0)),
+        "normalisation": Normalisation(kind="window", low=low, high=high), "foreground_threshold": 0.05,
+    })
+    validation = config.validation.model_copy(update={"magnitude_mm": 12.0, "smoothness_mm": 30.0})
+    return config.model_copy(update={"data": data, "validation": validation, "report": False})
+
+
+def train(method: Method, data: Path, cache: Path, dataset: str = "BRAIN") -> None:
+    """Train one network row for ``dataset`` (brain, or SYNLUNG: its lung network) with the cpu-brain schedule (resuming)."""
     import yaml
 
     from rwcnet.train_config import dump_config, training_preset
 
-    path = model_path(method, cache)
-    if path is None or method.network is None or path.is_file():
+    lung = dataset == "SYNLUNG"
+    path = model_path(method, cache, dataset)
+    name = method.lung_model if lung else method.model
+    if path is None or method.network is None or path.is_file() or str(name).startswith("shipped:"):
         return
     config = training_preset("cpu-brain")
-    updates = {"model": method.network, "name": f"paper-tables-{method.model}"}
+    updates = {"model": method.network, "name": f"paper-tables-{name}"}
     if method.network.endswith("single_resolution"):
         updates["phases"] = [p for p in config.phases if p.stage == 1]
     elif method.network.startswith("lapirn"):
         first, second = config.phases
         updates["phases"] = [first, second, second.model_copy(update={"stage": 3})]
     config = config.model_copy(update=updates)
-    run = cache / "train" / method.model
+    source = cache / "data" / "LUNGTRAIN" if lung else data / "brain"
+    if lung:
+        config = lung_schedule(config, source)
+    run = cache / "train" / name
     run.mkdir(parents=True, exist_ok=True)
     (run / "experiment.yaml").write_text(dump_config(config))
     yaml.safe_load((run / "experiment.yaml").read_text())  # fail early on a config that does not round-trip
     command = [sys.executable, "-m", "rwcnet", "train", str(run / "experiment.yaml"), "--output", str(run),
-               "--resume", "--data", str(data / "brain")]
-    print(f"train {method.name}: {' '.join(command)}", flush=True)
+               "--resume", "--data", str(source)]
+    print(f"train {method.name} ({dataset}): {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)
 
 
@@ -260,11 +308,11 @@ def worker(payload: str) -> None:
 
 def blocked(method: Method, dataset: str, cache: Path) -> str | None:
     """Why ``method`` cannot run on ``dataset`` yet (None when it can)."""
-    path = model_path(method, cache)
-    if method.model is not None and dataset == "SYNLUNG":
-        return "not run: no lung-trained network (only brain weights are trained here)"
+    path = model_path(method, cache, dataset)
+    if method.model is not None and dataset == "SYNLUNG" and method.lung_model is None:
+        return "not run: this ablation is trained on brains only"
     if method.model is not None and (path is None or not path.is_file()):
-        return f"not run: model {method.model} not trained yet"
+        return f"not run: model {method.lung_model if dataset == 'SYNLUNG' else method.model} not trained yet"
     if method.peer is not None:
         from rwcnet.peers import peer_python
 
@@ -286,7 +334,7 @@ def run(method: Method, dataset: str, data: Path, cache: Path, threads: int) -> 
     reason = blocked(method, dataset, cache)
     if reason:
         return reason
-    path = model_path(method, cache)
+    path = model_path(method, cache, dataset)
     done = 0
     pairs = cases(dataset, data, cache)
     for pair in pairs:
@@ -367,9 +415,13 @@ def main() -> None:
     if args.step in ("prepare", "all"):
         prepare_brain(args.data, args.cache)
         prepare_lung(args.data, args.cache)
+        prepare_lung_training(args.data, args.cache)
     if args.step in ("train", "all"):
-        for method in methods:
-            train(method, args.data, args.cache)
+        for dataset in [d for d in ("BRAIN", "SYNLUNG") if d in args.datasets or (d == "BRAIN" and "SYNBRAIN" in args.datasets)]:
+            if dataset == "SYNLUNG":
+                prepare_lung_training(args.data, args.cache)
+            for method in methods:
+                train(method, args.data, args.cache, dataset)
     if args.step in ("run", "all"):
         for method in methods:
             for dataset in args.datasets:

@@ -71,19 +71,20 @@ def _total_time(cache: Path, training_seconds: float) -> list[str]:
 def write_report(cache: Path, data: Path, target: Path) -> None:
     """Tables 2 and 3 per dataset, the paper's numbers beside, with the protocol; written atomically."""
     counts = {d: len(cases(d, data, cache)) for d in DATASETS}
-    models = {m.name: model_path(m, cache) for m in METHODS if m.model}
+    models = [(m.name, "brain", model_path(m, cache)) for m in METHODS if m.model]
+    models += [(m.name, "lung", model_path(m, cache, "SYNLUNG")) for m in METHODS if m.lung_model]
     from rwcnet.model import load_model
 
-    training, training_seconds, wall_seconds = [], 0.0, {}
-    for name, path in models.items():
+    training, wall_seconds = [], {}
+    for name, organ, path in models:
         if path is None or not path.is_file():
             continue
         if path not in wall_seconds:  # every model file records its training time; rows may share a file
             wall_seconds[path] = load_model(path)[1].get("wall_seconds")
         seconds = wall_seconds[path]
-        training_seconds += 0.0 if "weights" in path.parts else (seconds or 0.0)
-        training.append(f"| {name} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
+        training.append(f"| {name} | {organ} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
+    training_seconds = sum(s or 0.0 for path, s in wall_seconds.items() if "weights" not in path.parts)
     lines = [
         "# Results: the protocol of the paper's Tables 2 and 3 on the data we have",
         "",
@@ -101,7 +102,7 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
                 continue
             lines += [f"## Table {table} — {title} ({counts[dataset]} pair{'s' if counts[dataset] > 1 else ''})", ""]
             lines += _table(cache, data, dataset, table) + [""]
-    lines += ["## Networks and their training", "", "| row | model | training wall time |", "|---|---|---|"]
+    lines += ["## Networks and their training", "", "| row | data | model | training wall time |", "|---|---|---|---|"]
     lines += training + [""]
     lines += _total_time(cache, training_seconds)
     tmp = target.with_suffix(".tmp")
