@@ -11,6 +11,12 @@ import pytest
 from rwcnet.runtime import ENVIRONMENT_SWITCH, keep_freed_memory, release_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+#: Script lines giving a subprocess glibc's malloc and free through ctypes.
+_MALLOC = (
+    "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+    "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+    "libc.malloc.argtypes = [ctypes.c_size_t]\n"
+)
 
 
 def test_switch_off_by_environment(monkeypatch):
@@ -26,9 +32,7 @@ def test_large_blocks_stay_in_the_heap_after_the_call():
     script = (
         "import ctypes, ctypes.util, sys\n"
         "from rwcnet.runtime import keep_freed_memory\n"
-        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
-        "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
-        "libc.malloc.argtypes = [ctypes.c_size_t]\n"
+        + _MALLOC +
         "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
         "def maps(): return sum(1 for _ in open('/proc/self/maps'))\n"
         "before = maps(); p = libc.malloc(64 << 20); during = maps(); libc.free(p)\n"
@@ -59,9 +63,7 @@ def test_release_returns_kept_memory_to_the_system():
     script = (
         "import ctypes, ctypes.util\n"
         "from rwcnet.runtime import keep_freed_memory, release_freed_memory\n"
-        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
-        "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
-        "libc.malloc.argtypes = [ctypes.c_size_t]\n"
+        + _MALLOC +
         "def rss(): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) >> 10\n"
         "assert keep_freed_memory()\n"
         "keep = libc.malloc(1 << 20)\n"  # a live block above the big one, so the heap top cannot simply shrink

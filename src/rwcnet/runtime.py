@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 #: glibc ``mallopt`` parameters (``malloc.h``).
@@ -21,7 +22,9 @@ _M_MMAP_MAX = -4
 ENVIRONMENT_SWITCH = "RWCNET_KEEP_FREED_MEMORY"
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once; None where it cannot be found or loaded."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
