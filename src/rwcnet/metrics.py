@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -87,6 +87,30 @@ def _presence(labels_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return np.isin(np.asarray(labels), present)
 
 
+def _per_label(
+    score: Callable[[np.ndarray, np.ndarray], float],
+    fixed_labels: np.ndarray,
+    moving_labels_warped: np.ndarray,
+    labels: Sequence[int],
+    moving_labels: np.ndarray | None,
+) -> np.ndarray:
+    """``score(fixed == label, warped == label)`` for each label; NaN where :func:`dice_per_label` says."""
+    if fixed_labels.shape != moving_labels_warped.shape:
+        raise ValueError(f"label maps differ in shape: {fixed_labels.shape} and {moving_labels_warped.shape}")
+    reference = moving_labels_warped if moving_labels is None else moving_labels
+    valid = _presence(fixed_labels, labels) & _presence(reference, labels)
+    scores = np.full(len(labels), np.nan)
+    for index, label in enumerate(labels):
+        if valid[index]:
+            scores[index] = score(fixed_labels == label, moving_labels_warped == label)
+    return scores
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks."""
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
 def dice_per_label(
     fixed_labels: np.ndarray,
     moving_labels_warped: np.ndarray,
@@ -99,18 +123,7 @@ def dice_per_label(
     is NaN (the official rule); when ``moving_labels`` is not given, presence
     is judged on the warped map instead.
     """
-    if fixed_labels.shape != moving_labels_warped.shape:
-        raise ValueError(f"label maps differ in shape: {fixed_labels.shape} and {moving_labels_warped.shape}")
-    reference = moving_labels_warped if moving_labels is None else moving_labels
-    valid = _presence(fixed_labels, labels) & _presence(reference, labels)
-    scores = np.full(len(labels), np.nan)
-    for index, label in enumerate(labels):
-        if not valid[index]:
-            continue
-        a = fixed_labels == label
-        b = moving_labels_warped == label
-        scores[index] = 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-    return scores
+    return _per_label(_dice, fixed_labels, moving_labels_warped, labels, moving_labels)
 
 
 _CELL_CORNERS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1))  # bit 4i+2j+k of a cell code
@@ -254,15 +267,7 @@ def hd95_per_label(
     moving_labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """HD95 of each label in voxels: ``(len(labels),)``, with the same NaN rule as :func:`dice_per_label`."""
-    if fixed_labels.shape != moving_labels_warped.shape:
-        raise ValueError(f"label maps differ in shape: {fixed_labels.shape} and {moving_labels_warped.shape}")
-    reference = moving_labels_warped if moving_labels is None else moving_labels
-    valid = _presence(fixed_labels, labels) & _presence(reference, labels)
-    scores = np.full(len(labels), np.nan)
-    for index, label in enumerate(labels):
-        if valid[index]:
-            scores[index] = robust_hausdorff(fixed_labels == label, moving_labels_warped == label)
-    return scores
+    return _per_label(robust_hausdorff, fixed_labels, moving_labels_warped, labels, moving_labels)
 
 
 def jacobian_det(field: np.ndarray) -> np.ndarray:
