@@ -17,7 +17,7 @@ interrupted run continues where it stopped, across sessions):
   (:func:`rwcnet.train_config.training_preset`), its network replaced (``rwcnet train
   --resume``, so an interrupted training continues). The ``rwcnet`` row uses the shipped
   ``brain`` weights, trained with that same schedule. With ``SYNLUNG`` among the datasets,
-  the LapIRN and RWCNet rows also get lung networks: the same schedule on random
+  every network row also gets a lung network: the same schedule on random
   deformations of the one shared CT (:func:`lung_schedule`; ``prepare`` writes that
   one-image training set as ``LUNGTRAIN``).
 * ``run`` registers every (method, case) in its own subprocess and records wall time and peak
@@ -26,8 +26,6 @@ interrupted run continues where it stopped, across sessions):
 * ``score`` runs ``rwcnet evaluate`` on each (method, dataset) whose fields are complete, and
   the endpoint error against the known fields of the semi-synthetic pairs.
 * ``report`` writes ``docs/results.md`` from the scores (``benchmarks/paper_tables_report.py``).
-
-The Table 3 ablations are trained on brains only, so they have no lung rows.
 """
 
 from __future__ import annotations
@@ -70,9 +68,11 @@ METHODS = [
     Method("RWCNet with IO", 2, {"io": True}, model="shipped:brain", network="cpu", lung_model="rwcnet_lung"),
     Method("ANTs SyN", 2, {}, peer="ants"),
     Method("elastix B-spline", 2, {}, peer="elastix"),
-    Method("single resolution", 3, {"io": False}, model="single_resolution", network="cpu:single_resolution"),
-    Method("no correlation", 3, {"io": False}, model="no_correlation", network="cpu:no_correlation"),
-    Method("2 RNN steps", 3, {"io": False}, model="steps2", network="cpu:steps=2"),
+    Method("single resolution", 3, {"io": False}, model="single_resolution", network="cpu:single_resolution",
+           lung_model="single_resolution_lung"),
+    Method("no correlation", 3, {"io": False}, model="no_correlation", network="cpu:no_correlation",
+           lung_model="no_correlation_lung"),
+    Method("2 RNN steps", 3, {"io": False}, model="steps2", network="cpu:steps=2", lung_model="steps2_lung"),
 ]
 DATASETS = {"BRAIN": "brain (real pair 0001<-0002)", "SYNBRAIN": "brain, semi-synthetic", "SYNLUNG": "lung, semi-synthetic"}
 
@@ -309,8 +309,6 @@ def worker(payload: str) -> None:
 def blocked(method: Method, dataset: str, cache: Path) -> str | None:
     """Why ``method`` cannot run on ``dataset`` yet (None when it can)."""
     path = model_path(method, cache, dataset)
-    if method.model is not None and dataset == "SYNLUNG" and method.lung_model is None:
-        return "not run: this ablation is trained on brains only"
     if method.model is not None and (path is None or not path.is_file()):
         return f"not run: model {method.lung_model if dataset == 'SYNLUNG' else method.model} not trained yet"
     if method.peer is not None:

@@ -98,8 +98,6 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
     ]
     for dataset, title in DATASETS.items():
         for table in (2, 3):
-            if table == 3 and dataset == "SYNLUNG":
-                continue
             lines += [f"## Table {table} — {title} ({counts[dataset]} pair{'s' if counts[dataset] > 1 else ''})", ""]
             lines += _table(cache, data, dataset, table) + [""]
     lines += ["## Networks and their training", "", "| row | data | model | training wall time |", "|---|---|---|---|"]
