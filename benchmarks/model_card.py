@@ -40,7 +40,8 @@ def _zero_fields(dataset: Path, out: Path) -> None:
     import numpy as np
 
     from rwcnet.datasets import Learn2RegDataset
-    from rwcnet.io import field_names, read_image, write_field
+    from rwcnet.datasets import field_names
+    from rwcnet.io import read_image, write_field
 
     for pair in Learn2RegDataset(dataset).pairs("val"):
         fixed = read_image(pair.fixed)

@@ -274,7 +274,8 @@ def worker(payload: str) -> None:
     """Subprocess: register one pair, write the Learn2Reg field, print time and peak memory as JSON."""
     import torch
 
-    from rwcnet.io import field_names, read_image, write_field
+    from rwcnet.datasets import field_names
+    from rwcnet.io import read_image, write_field
     from rwcnet.register import register
 
     job = json.loads(payload)
@@ -376,7 +377,8 @@ def score(method: Method, dataset: str, data: Path, cache: Path) -> dict | None:
                str(field_dir(cache, method, dataset)), "--pairs", "val", "--output", str(evaluation)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     scores = json.loads(evaluation.read_text())
-    from rwcnet.io import field_names, read_field, read_image
+    from rwcnet.datasets import field_names
+    from rwcnet.io import read_field, read_image
 
     for pair, record in zip(pairs, records):
         case = scores["cases"][pair.key]

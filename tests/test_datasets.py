@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2r_fixture import SHAPE, SHIFT, SPACING, write_paired, write_unpaired
-from rwcnet.datasets import Learn2RegDataset, Pair, PairDataset, image_id, read_pairs_csv
+from rwcnet.datasets import Learn2RegDataset, Pair, PairDataset, field_names, find_field, image_id, read_pairs_csv
 from rwcnet.errors import InputError
 
 
@@ -114,3 +114,22 @@ def test_shared_brain_dataset(shared_data: Path) -> None:
     assert item["fixed"].shape == (1, 160, 192, 224)
     assert item["moving_labels"].dtype == torch.int64
     torch.testing.assert_close(item["spacing"], torch.ones(3))
+
+
+def test_field_names_and_find_field(tmp_path: Path):
+    fixed, moving = "./imagesTr/OASIS_0395_0000.nii.gz", "OASIS_0396_0000.nii.gz"
+    short, long = field_names(fixed, moving)
+    assert (short, long) == ("disp_0395_0396.nii.gz", "disp_0395_0000_0396_0000.nii.gz")
+    assert field_names("NLST_0101_0000.nii.gz", "NLST_0101_0001.nii.gz") == (
+        "disp_0101_0101.nii.gz", "disp_0101_0000_0101_0001.nii.gz")
+    assert find_field(tmp_path, fixed, moving) is None
+    (tmp_path / "disp_0395_0000_0396_0000.npz").write_bytes(b"")
+    assert find_field(tmp_path, fixed, moving) == tmp_path / "disp_0395_0000_0396_0000.npz"
+    (tmp_path / long).write_bytes(b"")
+    assert find_field(tmp_path, fixed, moving) == tmp_path / long
+    (tmp_path / "disp_0395_0396.npz").write_bytes(b"")
+    assert find_field(tmp_path, fixed, moving) == tmp_path / "disp_0395_0396.npz"
+    (tmp_path / short).write_bytes(b"")
+    assert find_field(tmp_path, fixed, moving) == tmp_path / short
+    with pytest.raises(InputError, match="fixed.nii.gz"):
+        field_names("fixed.nii.gz", moving)

@@ -17,8 +17,6 @@ from rwcnet.errors import InputError
 from rwcnet.geometry import warp
 from rwcnet.io import (
     Image,
-    field_names,
-    find_field,
     read_field,
     read_image,
     read_itk_field,
@@ -209,25 +207,6 @@ def test_bad_fields_raise_input_error_naming_the_file(tmp_path: Path, oblique_im
         read_field(path, expected_shape=oblique_image.shape)
     if case == "wrong_shape":
         assert "(5, 5, 5, 3)" in str(error.value) and str(oblique_image.shape + (3,)) in str(error.value)
-
-
-def test_field_names_and_find_field(tmp_path: Path):
-    fixed, moving = "./imagesTr/OASIS_0395_0000.nii.gz", "OASIS_0396_0000.nii.gz"
-    short, long = field_names(fixed, moving)
-    assert (short, long) == ("disp_0395_0396.nii.gz", "disp_0395_0000_0396_0000.nii.gz")
-    assert field_names("NLST_0101_0000.nii.gz", "NLST_0101_0001.nii.gz") == (
-        "disp_0101_0101.nii.gz", "disp_0101_0000_0101_0001.nii.gz")
-    assert find_field(tmp_path, fixed, moving) is None
-    (tmp_path / "disp_0395_0000_0396_0000.npz").write_bytes(b"")
-    assert find_field(tmp_path, fixed, moving) == tmp_path / "disp_0395_0000_0396_0000.npz"
-    (tmp_path / long).write_bytes(b"")
-    assert find_field(tmp_path, fixed, moving) == tmp_path / long
-    (tmp_path / "disp_0395_0396.npz").write_bytes(b"")
-    assert find_field(tmp_path, fixed, moving) == tmp_path / "disp_0395_0396.npz"
-    (tmp_path / short).write_bytes(b"")
-    assert find_field(tmp_path, fixed, moving) == tmp_path / short
-    with pytest.raises(InputError, match="fixed.nii.gz"):
-        field_names("fixed.nii.gz", moving)
 
 
 def test_keypoints_csv_and_nii_gz_quirk(tmp_path: Path):

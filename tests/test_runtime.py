@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rwcnet.runtime import ENVIRONMENT_SWITCH, keep_freed_memory, release_freed_memory
+from rwcnet.runtime import ENVIRONMENT_SWITCH, keep_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 #: Script lines giving a subprocess glibc's malloc and free through ctypes.

@@ -44,6 +44,37 @@ def image_id(path: str | Path) -> str:
     return name
 
 
+def _case_numbers(path: str | Path) -> tuple[str, str]:
+    """The case and modality/phase numbers of a Learn2Reg file name (its last two digit groups)."""
+    groups = re.findall(r"\d+", image_id(path))
+    if len(groups) < 2:
+        raise InputError(f"{path}: cannot derive a Learn2Reg field name; the file name needs "
+                         "<case>_<modality> numbers, e.g. OASIS_0395_0000.nii.gz")
+    return groups[-2], groups[-1]
+
+
+def field_names(fixed_path: str | Path, moving_path: str | Path) -> tuple[str, str]:
+    """Learn2Reg displacement file names for a pair: ``(short, long)``.
+
+    Fixed ``OASIS_0395_0000.nii.gz`` and moving ``OASIS_0396_0000.nii.gz``
+    give ``disp_0395_0396.nii.gz`` and ``disp_0395_0000_0396_0000.nii.gz``.
+    """
+    fixed_case, fixed_mod = _case_numbers(fixed_path)
+    moving_case, moving_mod = _case_numbers(moving_path)
+    return (f"disp_{fixed_case}_{moving_case}.nii.gz",
+            f"disp_{fixed_case}_{fixed_mod}_{moving_case}_{moving_mod}.nii.gz")
+
+
+def find_field(directory: str | Path, fixed_path: str | Path, moving_path: str | Path) -> Path | None:
+    """The pair's displacement file in ``directory`` (short name first, .nii.gz then .npz), or ``None``."""
+    for name in field_names(fixed_path, moving_path):
+        for candidate in (name, name[: -len(".nii.gz")] + ".npz"):
+            path = Path(directory) / candidate
+            if path.is_file():
+                return path
+    return None
+
+
 @dataclass(frozen=True)
 class Pair:
     """A registration pair: absolute paths of the fixed and the moving image."""

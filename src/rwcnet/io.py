@@ -16,7 +16,6 @@ problem with a user's file raises :class:`rwcnet.errors.InputError` naming it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Sequence
@@ -321,39 +320,6 @@ def write_field(path: str | Path, field: np.ndarray, reference: Image | None = N
             affine = np.eye(4) if reference is None else reference.affine
             header = None if reference is None else reference.header
             _nifti_image(field, affine, header, copy_header=False).to_filename(str(tmp))
-
-
-def _case_numbers(path: str | Path) -> tuple[str, str]:
-    """The case and modality/phase numbers of a Learn2Reg file name (its last two digit groups)."""
-    name = Path(path).name
-    stem = name[: len(name) - len(_suffix(Path(name)))]
-    groups = re.findall(r"\d+", stem)
-    if len(groups) < 2:
-        raise InputError(f"{path}: cannot derive a Learn2Reg field name; the file name needs "
-                         "<case>_<modality> numbers, e.g. OASIS_0395_0000.nii.gz")
-    return groups[-2], groups[-1]
-
-
-def field_names(fixed_path: str | Path, moving_path: str | Path) -> tuple[str, str]:
-    """Learn2Reg displacement file names for a pair: ``(short, long)``.
-
-    Fixed ``OASIS_0395_0000.nii.gz`` and moving ``OASIS_0396_0000.nii.gz``
-    give ``disp_0395_0396.nii.gz`` and ``disp_0395_0000_0396_0000.nii.gz``.
-    """
-    fixed_case, fixed_mod = _case_numbers(fixed_path)
-    moving_case, moving_mod = _case_numbers(moving_path)
-    return (f"disp_{fixed_case}_{moving_case}.nii.gz",
-            f"disp_{fixed_case}_{fixed_mod}_{moving_case}_{moving_mod}.nii.gz")
-
-
-def find_field(directory: str | Path, fixed_path: str | Path, moving_path: str | Path) -> Path | None:
-    """The pair's displacement file in ``directory`` (short name first, .nii.gz then .npz), or ``None``."""
-    for name in field_names(fixed_path, moving_path):
-        for candidate in (name, name[: -len(".nii.gz")] + ".npz"):
-            path = Path(directory) / candidate
-            if path.is_file():
-                return path
-    return None
 
 
 def read_keypoints(path: str | Path) -> np.ndarray:

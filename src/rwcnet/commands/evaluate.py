@@ -31,9 +31,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rwcnet.datasets import Learn2RegDataset, Pair, image_id
+from rwcnet.datasets import Learn2RegDataset, Pair, find_field, image_id
 from rwcnet.errors import InputError, atomic_output
-from rwcnet.io import find_field, read_field, read_image, read_keypoints
+from rwcnet.io import read_field, read_image, read_keypoints
 from rwcnet.metrics import aggregate, score_case
 
 OFFICIAL_METRICS = ("dice", "hd95", "sdlogj", "tre")

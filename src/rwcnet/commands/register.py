@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rwcnet.datasets import field_names
 from rwcnet.errors import InputError
-from rwcnet.io import field_names, write_field, write_image, write_itk_field
+from rwcnet.io import write_field, write_image, write_itk_field
 from rwcnet.register import RegistrationResult, register as run_registration
 
 console = Console(stderr=True)
