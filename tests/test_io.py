@@ -262,6 +262,31 @@ def test_resample_labels_by_a_known_voxel_shift(oblique_image: Image):
     assert not resampled.array[:2].any()
 
 
+@pytest.mark.parametrize("offset", [1e-9, -1e-9])
+def test_resample_labels_keeps_the_border_under_rounding_noise(oblique_image: Image, offset: float):
+    # a reference grid a rounding error away from the label grid: every voxel, border faces included, keeps its
+    # label (scipy >= 1.17's mode="constant" sends a coordinate 1e-12 outside [0, n - 1] to 0)
+    labels = np.random.default_rng(6).integers(1, 5, size=oblique_image.shape).astype(np.uint8)
+    nudged = oblique_image.affine.copy()
+    nudged[:3, 3] += oblique_image.affine[:3, :3] @ np.full(3, offset)
+    resampled = resample_image(Image(labels, oblique_image.affine), Image(labels, nudged), order=0)
+    np.testing.assert_array_equal(resampled.array, labels)
+
+
+def test_resample_labels_fills_zero_only_beyond_half_a_voxel(oblique_image: Image):
+    labels = np.random.default_rng(7).integers(1, 5, size=oblique_image.shape).astype(np.uint8)
+    size = labels.shape[0]
+    for shift in (0.4, 0.6, -0.4, -0.6):
+        moved = oblique_image.affine.copy()
+        moved[:3, 3] += oblique_image.affine[:3, 0] * shift  # reference voxel i samples label voxel i + shift
+        resampled = resample_image(Image(labels, oblique_image.affine), Image(labels, moved), order=0).array
+        nearest = np.rint(np.arange(size) + shift).astype(int)  # brute force: the nearest label voxel, 0 outside
+        inside = (nearest >= 0) & (nearest < size)
+        expected = np.where(inside[:, None, None], labels[np.clip(nearest, 0, size - 1)], 0)
+        np.testing.assert_array_equal(resampled, expected)
+        assert resampled.all() == (abs(shift) < 0.5)
+
+
 def test_itk_displacement_field_matches_rwcnet_warp(tmp_path: Path):
     shape = (40, 36, 30)
     fixed = Image(np.zeros(shape, np.float32), oblique_affine())

@@ -223,14 +223,17 @@ def resample_image(image: Image, reference: Image, order: int = 1) -> Image:
 
     Reference voxel ``y`` takes the value of ``image`` at voxel
     ``inv(A_image) @ A_reference @ y``. ``order=0`` (labels, masks) keeps the
-    voxel type and fills outside points with 0; ``order>=1`` (spline order,
+    voxel type and takes the nearest voxel's value; points more than half a
+    voxel outside the image get 0 (scipy's ``grid-constant``: a point 1e-12
+    voxels outside, from rounding in the affine product, still takes the
+    border voxel, where ``constant`` would give 0). ``order>=1`` (spline order,
     1 = linear) returns float32 (float64 for float64 input) and repeats the
     border outside, as :func:`rwcnet.geometry.warp` does.
     """
     matrix = np.linalg.inv(image.affine) @ reference.affine
     if order == 0:
         data = image.array.astype(np.uint8) if image.array.dtype == np.bool_ else image.array
-        mode = "constant"
+        mode = "grid-constant"
     else:
         data = image.array.astype(np.float64 if image.array.dtype == np.float64 else np.float32, copy=False)
         mode = "nearest"
