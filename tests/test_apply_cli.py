@@ -151,7 +151,9 @@ def test_output_geometry_from_fixed_then_field_header_then_moving(tmp_path, monk
                               "--output", out, *extra)
         assert code == 0
         np.testing.assert_allclose(nib.load(str(out)).affine, affine)
-        assert ("another affine" in stderr) == (affine is not MOVING_AFFINE)
+        # on a known fixed grid the moving image (another affine) is sampled through physical space
+        assert ("through physical space" in stderr) == (affine is not MOVING_AFFINE)
+        assert ("no fixed grid given" in stderr) == (affine is MOVING_AFFINE)
 
 
 @pytest.mark.parametrize(

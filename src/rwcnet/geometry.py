@@ -245,3 +245,21 @@ def resample_field(
     sampled = sample(field, coords)
     vectors = torch.linalg.inv(target_affine[:3, :3]) @ source_affine[:3, :3]
     return torch.einsum("ij,bjxyz->bixyz", vectors, sampled)
+
+
+def moving_voxel_field(field: Tensor, fixed_affine: Tensor, moving_affine: Tensor) -> Tensor:
+    """Re-express a pull-back field for a moving image on its own grid: ``(B, 3, X, Y, Z)`` in moving voxels.
+
+    ``field`` ``(B, 3, X, Y, Z)`` is in voxels of the fixed grid (voxel -> RAS mm
+    by ``fixed_affine``, 4x4). Fixed voxel ``x`` takes the moving image at the
+    physical point ``A_fix (x + u(x))``, which is moving voxel
+    ``A_mov^-1 A_fix (x + u(x))``; the result ``v`` is that minus ``x``, so that
+    any sampler of ``m(x + v(x))`` (:func:`warp`, :func:`warp_labels`, the
+    scorer's nearest neighbour) samples through physical space. The affine
+    product is formed in float64.
+    """
+    to_moving = torch.linalg.inv(moving_affine.to(torch.float64)) @ fixed_affine.to(torch.float64)
+    to_moving = to_moving.to(device=field.device, dtype=field.dtype)
+    grid = identity_grid(field.shape[2:], device=field.device, dtype=field.dtype)
+    mapped = torch.einsum("ij,bjxyz->bixyz", to_moving[:3, :3], grid + field) + to_moving[:3, 3].view(1, 3, 1, 1, 1)
+    return mapped - grid

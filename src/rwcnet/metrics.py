@@ -67,17 +67,19 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(array))
 
 
-def warp_labels_nearest(moving_labels: np.ndarray, field: np.ndarray) -> np.ndarray:
+def warp_labels_nearest(moving_labels: np.ndarray, field: np.ndarray, mode: str = "constant") -> np.ndarray:
     """Warp a moving label map with a pull-back field, nearest neighbour, 0 outside.
 
     ``moving_labels`` is ``(X', Y', Z')``, ``field`` ``(X, Y, Z, 3)`` in voxels
     of the moving grid laid on the fixed grid; returns ``(X, Y, Z)`` labels of
-    the moving map's dtype, exactly as the official scorer warps them.
+    the moving map's dtype. The default ``mode="constant"`` is exactly how the
+    official scorer warps them (0 for any point outside ``[0, n - 1]``);
+    ``"grid-constant"`` keeps the border label up to half a voxel outside.
     """
     field = _as_field(field)
     axes = [np.arange(n, dtype=np.float64) for n in field.shape[:3]]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0) + np.moveaxis(field, -1, 0)
-    warped = ndimage.map_coordinates(np.asarray(moving_labels, dtype=np.float64), coords, order=0)
+    warped = ndimage.map_coordinates(np.asarray(moving_labels, dtype=np.float64), coords, order=0, mode=mode)
     return warped.astype(np.asarray(moving_labels).dtype)
 
 
@@ -211,6 +213,7 @@ def score_case(
     fixed_mask: np.ndarray | None = None,
     *,
     compute_hd95: bool = True,
+    label_field: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All scores of one registration: a dict of floats plus per-label and per-point details.
 
@@ -218,7 +221,10 @@ def score_case(
     (and ``hd95``, ``hd95_per_label``) when both label maps are given (labels
     default to every non-zero value in either map); ``tre`` and
     ``tre_per_point`` when both keypoint sets and ``spacing`` are given.
-    ``fixed_mask`` restricts SDlogJ (masked evaluation).
+    ``fixed_mask`` restricts SDlogJ (masked evaluation). ``label_field``
+    ``(X, Y, Z, 3)``, in voxels of moving labels on another grid (see
+    :func:`rwcnet.grids.sampling_field`), samples them through physical space
+    (nearest, ``grid-constant``) instead of the official voxel rule.
     """
     field = _as_field(field)
     det = jacobian_det(field)
@@ -228,7 +234,10 @@ def score_case(
             raise ValueError(f"fixed labels of shape {fixed_labels.shape} do not match the field {field.shape}")
         if labels is None:
             labels = [int(v) for v in np.union1d(np.unique(fixed_labels), np.unique(moving_labels)) if v != 0]
-        warped = warp_labels_nearest(moving_labels, field)
+        if label_field is None:
+            warped = warp_labels_nearest(moving_labels, field)
+        else:
+            warped = warp_labels_nearest(moving_labels, label_field, mode="grid-constant")
         dice = dice_per_label(fixed_labels, warped, labels, moving_labels)
         result["dice"] = _nanmean(dice)
         result["dice_per_label"] = {str(int(label)): float(v) for label, v in zip(labels, dice)}

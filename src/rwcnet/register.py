@@ -5,7 +5,8 @@ the fixed grid in physical space when the grids differ -> normalise
 intensities by modality -> resample both onto the model's working grid
 (the orientation and spacing it was trained with) -> network -> instance
 optimisation on MIND features -> map the field back to the fixed grid
-(vectors rotated and rescaled) -> warp the moving image.
+(vectors rotated and rescaled) -> warp the original moving image (sampled once,
+through physical space when it lies on another grid).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
+from rwcnet.grids import Grid, grid_difference
 from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.model import RWCNet, load_model
@@ -44,7 +46,7 @@ class RegistrationResult:
     """The outcome on the fixed grid: ``field`` ``(X, Y, Z, 3)`` in fixed voxels (Learn2Reg), the warped moving image."""
 
     field: np.ndarray
-    warped: np.ndarray
+    warped: np.ndarray  # the original moving image sampled once by the field (through physical space if off-grid)
     fixed: Image
     moving: Image  # the moving image on the fixed grid (resampled if it was elsewhere)
     seconds: dict[str, float] = dataclass_field(default_factory=dict)
@@ -189,7 +191,8 @@ def register(
         _check_mask(_as_image(m, what) if m is not None else None, image, what)
         for m, image, what in ((fixed_mask, fixed_img, "fixed mask"), (moving_mask, moving_img, "moving mask"))
     ]
-    if not same_grid(fixed_img, moving_img):
+    original_moving = moving_img  # --warped samples it once, through physical space when off the fixed grid
+    if grid_difference(moving_img, Grid.of(fixed_img, "the fixed image")) is not None:
         notes.append(f"moving image resampled onto the fixed grid in physical space ({moving_img.shape} -> {fixed_img.shape})")
         moving_img = resample_image(moving_img, fixed_img, order=1)
         if masks[1] is not None:
@@ -256,8 +259,13 @@ def register(
             field = geometry.resample_field(
                 field, torch.from_numpy(work_ref.affine), torch.from_numpy(fixed_img.affine), fixed_img.shape
             )
-        moving_t = torch.from_numpy(np.ascontiguousarray(moving_img.array, dtype=np.float32))[None, None].to(dev)
-        warped = geometry.warp(moving_t, field.to(torch.float32))
+        sampling = field.to(torch.float32)
+        if original_moving is not moving_img:
+            sampling = geometry.moving_voxel_field(
+                sampling, torch.from_numpy(fixed_img.affine), torch.from_numpy(original_moving.affine)
+            )
+        moving_t = torch.from_numpy(np.ascontiguousarray(original_moving.array, dtype=np.float32))[None, None].to(dev)
+        warped = geometry.warp(moving_t, sampling)
     seconds["total"] = time.perf_counter() - start
     return RegistrationResult(
         field=field[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32),

@@ -1,8 +1,9 @@
 """``rwcnet apply``: warp a moving image or label map, and move keypoints, with a Learn2Reg field.
 
 The field is ``(X, Y, Z, 3)`` in voxels on the fixed grid, a pull-back: the
-warped moving image is ``m(x + u(x))`` (``docs/conventions.md``). It indexes
-the moving image's voxels, so the moving image must have the fixed grid's shape.
+warped moving image is ``m(x + u(x))`` (``docs/conventions.md``). A moving image
+on the fixed grid is indexed by the field directly (the Learn2Reg rule); one on
+another grid is sampled through physical space (:mod:`rwcnet.grids`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import typer
 
 from rwcnet.errors import InputError, atomic_output
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
-from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, Image, read_field, read_image, read_keypoints, \
-    same_grid, write_image
+from rwcnet.grids import Grid, check_field_fits, field_header_grid, sampling_field
+from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
 
 INVERSE_TOLERANCE = 0.01  # voxels: largest accepted |x + u(x) - p| of an inverted keypoint
 
@@ -91,22 +91,6 @@ def move_keypoints(points: np.ndarray, field: np.ndarray, space: str = "moving")
     return fixed[0].numpy(), residual
 
 
-def _field_reference(path: Path, shape: tuple[int, int, int]) -> Image | None:
-    """The fixed grid from a NIfTI field's header, or ``None`` when the field has no usable geometry.
-
-    A header with neither qform nor sform code, or with the identity affine
-    (the placeholder many Learn2Reg submissions carry), has none.
-    """
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        return None
-    header = nib.load(str(path)).header
-    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-    if (int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0) or np.allclose(affine, np.eye(4)):
-        return None
-    placeholder = np.broadcast_to(np.zeros((), np.uint8), shape)  # geometry only; write_image reads shape and affine
-    return Image(placeholder, affine, path, None)
-
-
 def _check_points(points: np.ndarray, shape: tuple[int, int, int], path: Path, grid: str) -> None:
     """Refuse keypoints outside the grid: they are not voxel indices of that image."""
     outside = np.flatnonzero(np.any((points < -0.5) | (points > np.array(shape) - 0.5), axis=1))
@@ -133,7 +117,7 @@ def apply(
     field: Path = typer.Option(..., "--field", help="Learn2Reg displacement field (X,Y,Z,3), voxels of the fixed grid "
                                "(.nii.gz, .nii or .npz)."),
     moving: Path | None = typer.Option(None, "--moving", help="Moving image (or label map with --labels) to warp; "
-                                       "its grid must have the fixed grid's shape."),
+                                       "on another grid than the fixed one it is sampled through physical space."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Warped image (.nii.gz, .nii, .mha, .nrrd)."),
     labels: bool = typer.Option(False, "--labels", help="--moving is a label map: warp it label-aware, keep its type."),
     label_method: LabelMethod = typer.Option(LabelMethod.onehot, "--label-method", help="Label warping: onehot "
@@ -144,14 +128,18 @@ def apply(
                                                "moving (mapped to the fixed grid by inverting the field) or fixed "
                                                "(mapped to the moving grid, p + u(p))."),
     keypoints_output: Path | None = typer.Option(None, "--keypoints-output", help="Moved keypoints, same CSV format."),
-    fixed: Path | None = typer.Option(None, "--fixed", help="Fixed image: the output grid; the field must fit it."),
+    fixed: Path | None = typer.Option(None, "--fixed", help="Fixed image: the fixed (output) grid; the field must "
+                                      "fit it."),
 ) -> None:
     """Warp an image or label map and move keypoints with a Learn2Reg displacement field.
 
-    The warped image is written on the fixed grid. Its geometry (affine) is
-    taken from --fixed when given, else from the field's own NIfTI header
-    when it has one (an identity or code-0 header counts as none; .npz has
-    none), else from the moving image's header.
+    The warped image is written on the fixed grid, taken from --fixed when
+    given, else from the field's own NIfTI header when it has one (an identity
+    or code-0 header counts as none; .npz has none). A moving image with that
+    grid's shape and affine (within 1e-3 mm) is indexed by the field (the
+    Learn2Reg rule); one on another grid is sampled through physical space,
+    at A_mov^-1 A_fix (x + u(x)). With no fixed grid at all the moving image
+    must have the field's shape and its header gives the output geometry.
     """
     _paired(moving, output, "--moving", "--output")
     _paired(keypoints, keypoints_output, "--keypoints", "--keypoints-output")
@@ -164,37 +152,40 @@ def apply(
     if keypoints_output is not None and not keypoints_output.name.lower().endswith(".csv"):
         raise InputError(f"{keypoints_output}: keypoints are written as CSV; give a file name ending in .csv")
 
-    fixed_image = read_image(fixed) if fixed is not None else None
-    displacement = read_field(field, expected_shape=fixed_image.shape if fixed_image is not None else None)
-    grid = displacement.shape[:3]
+    displacement = read_field(field)
+    grid_shape = displacement.shape[:3]
+    fixed_grid: Grid | None = Grid.of(read_image(fixed), f"--fixed {fixed}") if fixed is not None else None
+    if fixed_grid is None:
+        fixed_grid = field_header_grid(field, grid_shape)
+    else:
+        check_field_fits(displacement.shape, fixed_grid, field)
     image_result = points_result = None
+    notes = []
     if moving is not None and output is not None:
         moving_image = read_image(moving)
-        if moving_image.shape != grid:
-            raise InputError(f"{moving}: moving image has shape {moving_image.shape}, but the displacement field "
-                             f"{field} is on a fixed grid of shape {grid}; a Learn2Reg field indexes the moving "
-                             "image's voxels on the fixed grid, so resample the moving image onto the fixed grid first")
-        reference, source = fixed_image, f"--fixed {fixed}"
-        if reference is None:
-            reference, source = _field_reference(field, grid), f"the header of {field}"
-        if reference is None:
+        sampling, physical_note = sampling_field(displacement, fixed_grid, moving_image, "moving image")
+        if fixed_grid is not None:
+            reference, source = fixed_grid.reference(), fixed_grid.source
+        else:
             reference, source = moving_image, f"the header of {moving}"
-        if reference is not moving_image and not same_grid(moving_image, reference):
-            typer.echo(f"note: {moving} has another affine than the fixed grid ({source}); the field is applied "
-                       "to its voxel indices, as Learn2Reg does", err=True)
+            notes.append(f"no fixed grid given (--fixed, or a field header with a real affine): {moving} is taken to "
+                         "lie on the fixed grid, and the field indexes its voxels (the Learn2Reg rule)")
+        if physical_note is not None:
+            notes.append(physical_note)
         if labels:
             try:
-                warped = warp_label_map(moving_image.array, displacement, label_method.value)
+                warped = warp_label_map(moving_image.array, sampling, label_method.value)
             except ValueError as error:
                 raise InputError(f"{moving}: {error}; drop --labels to warp it as an image") from error
             how = f"label map, {label_method.value}"
         else:
-            warped = warp_image(moving_image.array, displacement)
+            warped = warp_image(moving_image.array, sampling)
             how = "trilinear"
-        image_result = (warped, reference, f"wrote {output} ({how}, {warped.dtype}; geometry from {source})")
+        rule = "through physical space" if physical_note is not None else "voxel rule"
+        image_result = (warped, reference, f"wrote {output} ({how}, {rule}, {warped.dtype}; geometry from {source})")
     if keypoints is not None and keypoints_output is not None:
         points = read_keypoints(keypoints)
-        _check_points(points, grid, keypoints, keypoints_space.value)
+        _check_points(points, grid_shape, keypoints, keypoints_space.value)
         moved, residual = move_keypoints(points, displacement, keypoints_space.value)
         if residual > INVERSE_TOLERANCE:
             typer.echo(f"warning: the field is not invertible at some keypoints of {keypoints} (largest residual "
@@ -204,6 +195,8 @@ def apply(
     if image_result is not None and output is not None:
         write_image(output, image_result[0], image_result[1])
         typer.echo(image_result[2])
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
     if points_result is not None and keypoints_output is not None:
         _write_keypoints(keypoints_output, points_result[0])
         typer.echo(points_result[1])
