@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from l2r_fixture import SHAPE, SHIFT, SPACING, save_field, write_paired, write_unpaired
 from rwcnet.cli import main
+from rwcnet.label_names import dataset_label_names, name_labels
 
 
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
@@ -153,3 +156,101 @@ def test_shared_brain_zero_field_dice(shared_data, tmp_path, monkeypatch, capsys
     assert result["labels"] == result["labels"][:30] and len(result["labels"]) == 30
     assert 0.50 <= result["aggregates"]["dice"]["mean"] <= 0.54
     assert "mean Dice 0.52" in stdout
+
+
+def _rewrite_json(root, **changes) -> None:
+    path = next(root.glob("*_dataset.json"))
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def test_default_label_rules_are_applied_and_stated(tmp_path, monkeypatch, capsys) -> None:
+    # UNP: labels 1 and 2 in every case, label 3 only in the fixed case 0001
+    root = write_unpaired(tmp_path / "unp")
+    fields = tmp_path / "fields"
+    save_field(fields / "disp_0001_0002.nii.gz", np.zeros(SHAPE + (3,), np.float32))
+    out = tmp_path / "m.json"
+    args = ("evaluate", "--dataset", root, "--displacements", fields, "--no-hd95", "-o", out)
+
+    def scored_labels(*extra):
+        code, stdout, _ = run(monkeypatch, capsys, *args, *extra)
+        assert code == 0
+        result = json.loads(out.read_text())
+        return sorted(result["cases"]["0001_0000<--0002_0000"]["dice_per_label"], key=int), result, stdout
+
+    labels, result, stdout = scored_labels()
+    assert labels == ["1", "2", "3"] and "the 3 evaluation_labels of UNP_dataset.json" in stdout
+    assert result["label_rule"] == "the 3 evaluation_labels of UNP_dataset.json"
+    config = tmp_path / "evaluation_config.json"
+    config.write_text(json.dumps({"evaluation_methods": [{"name": "DSC", "metric": "dice", "labels": [2]}]}))
+    labels, result, stdout = scored_labels("--config", config)
+    assert labels == ["2"] and "the 1 labels of evaluation_config.json" in stdout
+    labels, result, stdout = scored_labels("--labels", "1")
+    assert labels == ["1"] and "the 1 labels of --labels" in stdout
+    _rewrite_json(root, evaluation_labels=None)
+    labels, result, stdout = scored_labels()
+    assert labels == ["1", "2"] and "every non-zero label present in both label maps" in stdout
+    assert result["labels"] is None and result["label_rule"] == "every non-zero label present in both label maps"
+
+    labels_dir = root / "labelsTr"
+    code, stdout, _ = run(monkeypatch, capsys, "evaluate", "--field", fields / "disp_0001_0002.nii.gz",
+                          "--fixed-labels", labels_dir / "UNP_0001_0000.nii.gz", "--moving-labels",
+                          labels_dir / "UNP_0002_0000.nii.gz", "--no-hd95", "-o", out)
+    assert code == 0 and "every non-zero label present in both label maps" in stdout
+    assert sorted(json.loads(out.read_text())["cases"]["disp_0001_0002"]["dice_per_label"], key=int) == ["1", "2"]
+
+
+def test_label_rows_are_named_from_the_dataset_json_else_freesurfer(tmp_path, monkeypatch, capsys) -> None:
+    root = write_unpaired(tmp_path / "unp")
+    _rewrite_json(root, labels={"0": {"0": "background", "1": "cube", "2": "slab"}})  # per-modality form
+    fields = tmp_path / "fields"
+    save_field(fields / "disp_0001_0002.nii.gz", np.zeros(SHAPE + (3,), np.float32))
+    out = tmp_path / "m.json"
+    code, stdout, _ = run(monkeypatch, capsys, "evaluate", "--dataset", root, "--displacements", fields, "-o", out)
+    assert code == 0
+    rows = {line.split("│")[1].strip(): line for line in stdout.splitlines() if line.count("│") >= 4}
+    assert "cube" in rows["1"] and "slab" in rows["2"] and "mean over the 2 labels" in rows["all"]
+    assert "names: the dataset JSON's labels map" in stdout
+    result = json.loads(out.read_text())
+    assert result["label_names"] == {"1": "cube", "2": "slab"}
+    assert set(result["aggregates"]["dice"]) == {"mean", "std", "30", "n"}  # the JSON keys stay as they are
+
+    fixed = np.zeros((12, 12, 12), np.uint8)
+    fixed[2:6, 2:9, 2:9], fixed[6:10, 2:9, 2:9] = 2, 41
+    moving = np.roll(fixed, 1, axis=1)
+    for name, array in (("f", fixed), ("m", moving)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    save_field(tmp_path / "one.npz", np.zeros((12, 12, 12, 3), np.float32))
+    code, stdout, _ = run(monkeypatch, capsys, "evaluate", "--field", tmp_path / "one.npz", "--fixed-labels",
+                          tmp_path / "f.nii.gz", "--moving-labels", tmp_path / "m.nii.gz")
+    rows = {line.split("│")[1].strip(): line for line in stdout.splitlines() if line.count("│") >= 4}
+    assert code == 0 and "Left-Cerebral-White-Matter" in rows["2"] and "Right-Cerebral-White-Matter" in rows["41"]
+    assert "names: FreeSurfer aseg names" in stdout
+
+
+def test_aggregate_rows_are_named_and_the_quantile_explained(tmp_path, monkeypatch, capsys) -> None:
+    root = write_paired(tmp_path / "tiny")
+    fields = tmp_path / "fields"
+    save_field(fields / "disp_0002_0002.nii.gz", constant(SHIFT))
+    save_field(fields / "disp_0003_0003.nii.gz", constant([0.0, 0.0, 0.0]))
+    code, stdout, _ = run(monkeypatch, capsys, "evaluate", "--dataset", root, "--displacements", fields)
+    assert code == 0
+    first_cells = [line.split("│")[1].strip() for line in stdout.splitlines() if line.count("│") >= 4]
+    assert first_cells[-3:] == ["mean over cases", "std over cases", "30 % quantile over cases *"]
+    assert "30" not in first_cells and "mean" not in first_cells
+    assert "0.3 quantile" in stdout and "0.7 quantile" in stdout
+
+
+def test_name_labels_prefers_the_dataset_then_freesurfer_aseg_values_only() -> None:
+    assert name_labels([1, 2], {1: "cube"}) == ({1: "cube", 2: ""}, "the dataset JSON's labels map")
+    names, source = name_labels([17, 53, 24])
+    assert names == {17: "Left-Hippocampus", 53: "Right-Hippocampus", 24: "CSF"} and source.startswith("FreeSurfer")
+    names, source = name_labels(list(range(1, 36)))  # Learn2Reg OASIS's own 1..35 numbering: not aseg values
+    assert set(names.values()) == {""} and source.startswith("none")
+    assert dataset_label_names({"labels": {"1": "cube", "2": "slab"}}, Path("d.json")) == {1: "cube", 2: "slab"}
+    assert dataset_label_names({}, Path("d.json")) == {}
