@@ -163,7 +163,8 @@ def _score(field: np.ndarray, field_path: Path, truth: dict[str, Any], config: E
     return case
 
 
-def _dataset_truth(dataset: Learn2RegDataset, pair: Pair, config: EvalConfig) -> tuple[dict[str, Any], list[str]]:
+def _dataset_truth(dataset: Learn2RegDataset, pair: Pair, fixed_grid: Grid,
+                   config: EvalConfig) -> tuple[dict[str, Any], list[str]]:
     """Ground truth of a pair from the dataset folder (only what exists for both sides), and grid warnings.
 
     The official voxel rule applies whatever the grids; a pair whose moving
@@ -171,8 +172,7 @@ def _dataset_truth(dataset: Learn2RegDataset, pair: Pair, config: EvalConfig) ->
     """
     truth: dict[str, Any] = {}
     warnings = []
-    fixed_grid, moving_grid = image_grid(pair.fixed, "the fixed image"), image_grid(pair.moving, "the moving image")
-    difference = grid_difference(moving_grid, fixed_grid)
+    difference = grid_difference(image_grid(pair.moving, "the moving image"), fixed_grid)
     if difference is not None:
         warnings.append(f"the moving image is on another grid than the fixed image ({difference})")
     labels = (dataset.label_path(pair.fixed), dataset.label_path(pair.moving))
@@ -198,6 +198,7 @@ def _dataset_truth(dataset: Learn2RegDataset, pair: Pair, config: EvalConfig) ->
 def _evaluate_dataset(dataset_dir: Path, displacements: Path, pairs: str | None, config: EvalConfig,
                       hd95: bool) -> tuple[str, dict[str, dict[str, Any]], dict[int, str]]:
     dataset = Learn2RegDataset(dataset_dir)
+    names = dataset_label_names(dataset.meta, dataset.json_path)
     if not displacements.is_dir():
         raise InputError(f"{displacements}: displacement folder does not exist")
     if pairs is None and config.pairs is not None:
@@ -217,15 +218,16 @@ def _evaluate_dataset(dataset_dir: Path, displacements: Path, pairs: str | None,
                 cases[pair.key] = {"status": "missing", "message": f"no displacement field for {image_id(pair.fixed)} "
                                    f"<- {image_id(pair.moving)} in {displacements}"}
                 continue
-            truth, warnings = _dataset_truth(dataset, pair, config)
-            shape = config.expected_shape or image_grid(pair.fixed, "the fixed image").shape
+            fixed_grid = image_grid(pair.fixed, "the fixed image")
+            truth, warnings = _dataset_truth(dataset, pair, fixed_grid, config)
+            shape = config.expected_shape or fixed_grid.shape
             cases[pair.key] = _score(read_field(field_path, expected_shape=tuple(shape)), field_path, truth, config,
                                      hd95)
             if warnings:
                 cases[pair.key]["warnings"] = warnings
         except InputError as error:
             cases[pair.key] = {"status": "error", "message": str(error)}
-    return config.name or dataset.name, cases, dataset_label_names(dataset.meta, dataset.json_path)
+    return config.name or dataset.name, cases, names
 
 
 def _evaluate_field(field_path: Path, options: dict[str, Path | None], spacing: str | None, config: EvalConfig,
