@@ -50,7 +50,8 @@ class Grid:
 
 def corner_distance_mm(shape: tuple[int, ...], affine_a: np.ndarray, affine_b: np.ndarray) -> float:
     """Largest distance (mm) between where two affines put the 8 corner voxels of a grid of ``shape``."""
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
     return float(np.linalg.norm((corners @ (np.asarray(affine_a) - np.asarray(affine_b)).T)[:, :3], axis=1).max())
 
 

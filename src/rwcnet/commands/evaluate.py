@@ -314,7 +314,8 @@ def evaluate(
         raise InputError("give --dataset and --displacements, or --field (see rwcnet evaluate --help)")
     scored = [case for case in cases.values() if case["status"] == "ok"]
     aggregates = aggregate(scored)
-    scored_labels = sorted({int(v) for case in scored for v in case.get("dice_per_label", case.get("hd95_per_label", {}))})
+    scored_labels = sorted({int(v) for case in scored
+                            for v in case.get("dice_per_label", case.get("hd95_per_label", {}))})
     names, names_source = name_labels(scored_labels, dataset_names)
     print_case_table(name, cases, aggregates)
     print_label_table(scored, names, eval_config.label_rule, names_source)
