@@ -64,13 +64,14 @@ def grid_difference(image: Image | Grid, grid: Grid) -> str | None:
 
 
 def image_grid(path: Path, source: str) -> Grid:
-    """The grid of an image file; NIfTI headers are read without the voxel data."""
+    """The grid of an image file; a 3D NIfTI header is read without the voxel data (else :func:`read_image` checks)."""
     if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
         try:
             loaded = nib.load(str(path))
-            return Grid(tuple(int(n) for n in loaded.shape[:3]), np.asarray(loaded.affine, np.float64), source)
         except Exception:  # a corrupt file: read_image names the problem
-            pass
+            loaded = None
+        if loaded is not None and len(loaded.shape) == 3:
+            return Grid(tuple(int(n) for n in loaded.shape), np.asarray(loaded.affine, np.float64), source)
     return Grid.of(read_image(path), source)
 
 
