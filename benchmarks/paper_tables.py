@@ -90,7 +90,7 @@ def _memory_kb(key: str) -> int:
 
 # --------------------------------------------------------------------------------------- prepare
 def _write_dataset(root: Path, name: str, meta: dict) -> None:
-    from rwcnet.errors import atomic_output
+    from rwcnet.outputs import atomic_output
 
     with atomic_output(root / f"{name}_dataset.json") as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2))

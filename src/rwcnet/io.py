@@ -10,7 +10,7 @@ Everything inside rwcnet uses the NIfTI convention (see ``docs/conventions.md``)
 
 SimpleITK's ``(k, j, i)`` arrays and LPS geometry (MHA/MHD, NRRD, ITK
 displacement fields) are converted here, at the boundary, and nowhere else.
-Every file written goes through :func:`rwcnet.errors.atomic_output`; every
+Every file written goes through :func:`rwcnet.outputs.atomic_output`; every
 problem with a user's file raises :class:`rwcnet.errors.InputError` naming it.
 """
 
@@ -25,7 +25,8 @@ import numpy as np
 import scipy.ndimage
 import SimpleITK as sitk
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")

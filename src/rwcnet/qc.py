@@ -24,7 +24,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 from rwcnet.geometry import jacobian_determinant
 
 COLUMNS = ("fixed", "moving", "warped", "|fixed − moving|", "|fixed − warped|", "deformation grid",

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 from rwcnet.model import RWCNet, load_model, save_model
 from rwcnet.model.files import build_model
 from rwcnet.train_config import PhaseConfig, TrainingConfig, dump_config

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

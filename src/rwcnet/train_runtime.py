@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 from rwcnet.train_config import TrainingConfig
 
 FORMAT = "rwcnet-checkpoint"

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import typer
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output, check_outputs, written_together
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
 from rwcnet.grids import Grid, check_field_fits, field_header_grid, sampling_field
 from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
@@ -147,10 +148,8 @@ def apply(
         raise InputError("nothing to do: give --moving and --output, and/or --keypoints and --keypoints-output")
     if labels and moving is None:
         raise InputError("--labels needs --moving (the label map) and --output")
-    if output is not None and not output.name.lower().endswith(NIFTI_SUFFIXES + WRITABLE_ITK_SUFFIXES):
-        raise InputError(f"{output}: cannot write this image format; use .nii.gz, .nii, .mha or .nrrd")
-    if keypoints_output is not None and not keypoints_output.name.lower().endswith(".csv"):
-        raise InputError(f"{keypoints_output}: keypoints are written as CSV; give a file name ending in .csv")
+    check_outputs((output, NIFTI_SUFFIXES + WRITABLE_ITK_SUFFIXES, "the warped image"),
+                  (keypoints_output, (".csv",), "keypoints (CSV)"))
 
     displacement = read_field(field)
     grid_shape = displacement.shape[:3]
@@ -192,11 +191,14 @@ def apply(
                        f"{residual:.3g} voxels); the field may fold there", err=True)
         target = "fixed" if keypoints_space is PointSpace.moving else "moving"
         points_result = (moved, f"wrote {keypoints_output} ({len(moved)} keypoints on the {target} grid)")
-    if image_result is not None and output is not None:
-        write_image(output, image_result[0], image_result[1])
+    with written_together():
+        if image_result is not None and output is not None:
+            write_image(output, image_result[0], image_result[1])
+        if points_result is not None and keypoints_output is not None:
+            _write_keypoints(keypoints_output, points_result[0])
+    if image_result is not None:
         typer.echo(image_result[2])
         for note in notes:
             typer.echo(f"note: {note}", err=True)
-    if points_result is not None and keypoints_output is not None:
-        _write_keypoints(keypoints_output, points_result[0])
+    if points_result is not None:
         typer.echo(points_result[1])

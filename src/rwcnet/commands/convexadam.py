@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from rwcnet.commands.register import _check_writable, console, run_with_progress, write_outputs
+from rwcnet.commands.register import check_registration_outputs, console, run_with_progress, write_outputs
 
 
 def convexadam(
@@ -25,8 +25,7 @@ def convexadam(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Register with ConvexAdam (MIND, discrete coupled convex optimisation, inverse consistency, Adam)."""
-    for path in (output, warped, itk_field, qc):
-        _check_writable(path)
+    check_registration_outputs(output, warped, itk_field, qc)
     result = run_with_progress(
         fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, method="convexadam", io=io,
         io_iterations=io_iters, modality=modality, device=device,

@@ -20,6 +20,7 @@ from rich.table import Table
 from rwcnet import metrics
 from rwcnet.errors import InputError
 from rwcnet.io import Image, write_image
+from rwcnet.outputs import check_output_folder, written_together
 from rwcnet.synthetic import IntensitySettings, make_pair, random_deformation
 
 console = Console()
@@ -65,7 +66,7 @@ def demo(
     """Register a seeded semi-synthetic copy of the MNI152 template to it and score the result against the truth."""
     from rwcnet.commands.register import run_with_progress, write_outputs
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(output_dir)
     template, labels = load_template()
     spacing = template.spacing
     console.print(f"fixed: MNI152 T1 template {template.shape} at 1 mm (shipped with nilearn)")
@@ -79,8 +80,6 @@ def demo(
         f"gamma and noise; inverse residual {pair.inverse_residual:.3f} voxels"
     )
     moving = Image(pair.moving[0, 0].numpy(), template.affine.copy())
-    write_image(output_dir / "fixed.nii.gz", template.array, template)
-    write_image(output_dir / "moving.nii.gz", moving.array, template)
     result = run_with_progress(template, moving, model="brain", io=True, io_iterations=io_iters, device=device, seed=seed)
     for note in result.notes:
         console.print(f"note: {note}")
@@ -101,8 +100,11 @@ def demo(
     console.print(f"time: {timing} (torch threads: {torch.get_num_threads()})")
     qc_metrics = {"Dice GM": (before["Dice grey matter"], after["Dice grey matter"]),
                   "EPE mm": (before["mean endpoint error (mm, in brain)"], after["mean endpoint error (mm, in brain)"])}
-    write_outputs(
-        result, output_dir / "disp.nii.gz", warped=output_dir / "warped.nii.gz", qc=output_dir / "qc.png",
-        title_metrics=qc_metrics,
-    )
+    with written_together():
+        write_image(output_dir / "fixed.nii.gz", template.array, template)
+        write_image(output_dir / "moving.nii.gz", moving.array, template)
+        write_outputs(
+            result, output_dir / "disp.nii.gz", warped=output_dir / "warped.nii.gz", qc=output_dir / "qc.png",
+            title_metrics=qc_metrics,
+        )
     console.print(f"wrote disp.nii.gz, fixed/moving/warped.nii.gz and qc.png to {output_dir}/")

@@ -40,7 +40,8 @@ import typer
 
 from rwcnet.commands.score_tables import print_case_table, print_label_table
 from rwcnet.datasets import Learn2RegDataset, Pair, find_field, image_id
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output, check_outputs
 from rwcnet.grids import PHYSICAL, VOXEL, Grid, check_field_fits, common_grid, field_header_grid, grid_difference, \
     image_grid, sampling_field
 from rwcnet.io import Image, read_field, read_image, read_keypoints
@@ -298,6 +299,7 @@ def evaluate(
     output: Path | None = _option("--output", "-o", help="Write the scores as JSON here."),
 ) -> None:
     """Score displacement fields: Dice, HD95, SDlogJ, folded voxels and TRE, as Learn2Reg does."""
+    check_outputs((output, (".json",), "the scores (JSON)"))
     eval_config = read_eval_config(config) if config is not None else EvalConfig()
     if labels is not None:
         eval_config.labels = parse_labels(labels)

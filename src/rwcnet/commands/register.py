@@ -13,20 +13,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rwcnet.datasets import field_names
 from rwcnet.errors import InputError
-from rwcnet.io import write_field, write_image, write_itk_field
+from rwcnet.io import FIELD_SUFFIXES, NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, write_field, write_image, write_itk_field
+from rwcnet.outputs import check_output_folder, check_outputs, written_together
 from rwcnet.register import RegistrationResult, register as run_registration
 
 console = Console(stderr=True)
 
 
-def _check_writable(path: Path | None) -> None:
-    if path is None:
-        return
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: output folder {folder} is not writable")
+def check_registration_outputs(output: Path, warped: Path | None, itk_field: Path | None, qc: Path | None) -> None:
+    """Check the paths :func:`write_outputs` will write (formats, folders), before any work."""
+    images = NIFTI_SUFFIXES + WRITABLE_ITK_SUFFIXES
+    check_outputs((output, FIELD_SUFFIXES, "a displacement field"), (warped, images, "the warped image"),
+                  (itk_field, images, "an ITK displacement field"), (qc, (".png",), "the QC picture"))
 
 
 def run_with_progress(fixed, moving, **kwargs) -> RegistrationResult:
@@ -55,19 +53,20 @@ def write_outputs(
     qc: Path | None = None,
     title_metrics: dict | None = None,
 ) -> None:
-    """Write the Learn2Reg field and, on request, the warped image, the ITK field and the QC picture."""
-    write_field(output, result.field, result.fixed)
-    if warped is not None:
-        write_image(warped, result.warped.astype(np.float32), result.fixed)
-    if itk_field is not None:
-        write_itk_field(itk_field, result.field, result.fixed)
-    if qc is not None:
-        from rwcnet.qc import qc_figure
+    """Write the Learn2Reg field and, on request, the warped image, the ITK field and the QC picture: all or none."""
+    with written_together():
+        write_field(output, result.field, result.fixed)
+        if warped is not None:
+            write_image(warped, result.warped.astype(np.float32), result.fixed)
+        if itk_field is not None:
+            write_itk_field(itk_field, result.field, result.fixed)
+        if qc is not None:
+            from rwcnet.qc import qc_figure
 
-        qc_figure(
-            qc, result.fixed.array, result.moving.array, result.warped, result.field,
-            spacing=result.fixed.spacing, title_metrics=title_metrics, affine=result.fixed.affine,
-        )
+            qc_figure(
+                qc, result.fixed.array, result.moving.array, result.warped, result.field,
+                spacing=result.fixed.spacing, title_metrics=title_metrics, affine=result.fixed.affine,
+            )
 
 
 def _batch(dataset: Path, pairs: str, output_dir: Path, options: dict) -> None:
@@ -120,12 +119,12 @@ def register(
     if dataset is not None:
         if output_dir is None:
             raise InputError("--dataset needs --output-dir")
+        check_output_folder(output_dir)
         _batch(dataset, pairs, output_dir, options)
         return
     if fixed is None or moving is None or output is None:
         raise InputError("give --fixed, --moving and --output (or --dataset with --output-dir)")
-    for path in (output, warped, itk_field, qc):
-        _check_writable(path)
+    check_registration_outputs(output, warped, itk_field, qc)
     result = run_with_progress(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, **options)
     write_outputs(result, output, warped=warped, itk_field=itk_field, qc=qc)
     for note in result.notes:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from rwcnet.errors import InputError
+from rwcnet.outputs import check_output_folder, check_outputs
 
 
 def train(
@@ -37,6 +37,7 @@ def train(
     if print_config:
         typer.echo(dump_config(settings), nl=False)
         return
+    check_output_folder(output, "run folder")
     try:
         summary = run_training(settings, output, resume=resume, stages=stage or None, max_steps=max_steps,
                                init=init, progress=not quiet)
@@ -68,7 +69,6 @@ def plot_log(
     """Plot the training and validation curves of a training log to a PNG."""
     from rwcnet.train_log import plot_log as plot
 
-    if output.suffix.lower() != ".png":
-        raise InputError(f"{output}: the plot is written as PNG; name the file *.png")
+    check_outputs((output, (".png",), "the plot (PNG)"))
     plotted = plot(log, output, smooth=smooth)
     typer.echo(f"{output}: {len(plotted)} curves")

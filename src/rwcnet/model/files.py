@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
+from rwcnet.outputs import atomic_output
 from rwcnet.model.cascade import RWCNet
 from rwcnet.model.config import ModelConfig, model_preset
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
