@@ -84,10 +84,10 @@ def check_outputs(*outputs: tuple[Path | None, Sequence[str], str]) -> None:
     for path, formats, what in outputs:
         if path is None:
             continue
-        if not _format_ok(path, formats):
-            raise InputError(f"{path}: cannot write {what} in this format; name the file *{', *'.join(formats)}")
         if path.is_dir():
             raise InputError(f"{path}: is a folder; give a file name for {what}")
+        if not _format_ok(path, formats):
+            raise InputError(f"{path}: cannot write {what} in this format; name the file *{', *'.join(formats)}")
         folder = _folder(path)
         if not folder.is_dir():
             raise InputError(f"{path}: output folder {folder} does not exist")
