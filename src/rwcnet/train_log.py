@@ -14,7 +14,6 @@ of an interrupted and resumed run reads like an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Iterable
 
 from rwcnet.errors import InputError
 from rwcnet.outputs import atomic_output
+from rwcnet.progress import clock
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -80,13 +80,6 @@ class TrainLog:
             self._writer.close()
 
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class Progress:
     """A progress bar with ETA on a terminal (rich), else a plain line every ``every`` steps on stderr."""
 
@@ -118,7 +111,7 @@ class Progress:
         if self.done % self.every == 0 or self.done == self.total:
             rate = (time.monotonic() - self._start) / max(self.done - self._start_done, 1)
             eta = rate * (self.total - self.done)
-            print(f"[{self.done}/{self.total}] {description} | {rate:.1f} s/step, ETA {_clock(eta)}", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total}] {description} | {rate:.1f} s/step, ETA {clock(eta)}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -9,15 +9,15 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rwcnet.datasets import field_names
 from rwcnet.errors import InputError
 from rwcnet.io import FIELD_SUFFIXES, NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, write_field, write_image, write_itk_field
 from rwcnet.outputs import check_output_folder, check_outputs, written_together
+from rwcnet.progress import StageProgress
 from rwcnet.register import RegistrationResult, register as run_registration
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def check_registration_outputs(output: Path, warped: Path | None, itk_field: Path | None, qc: Path | None) -> None:
@@ -28,20 +28,10 @@ def check_registration_outputs(output: Path, warped: Path | None, itk_field: Pat
 
 
 def run_with_progress(fixed, moving, **kwargs) -> RegistrationResult:
-    """Run :func:`rwcnet.register.register` with a progress display per stage on stderr."""
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        task = progress.add_task("reading", total=None)
-
-        def on_stage(name: str) -> None:
-            progress.update(task, description=name, completed=0, total=None)
-
-        def on_step(done: int, total: int, loss: float) -> None:
-            progress.update(task, completed=done, total=total)
-
-        return run_registration(fixed, moving, on_stage=on_stage, on_step=on_step, **kwargs)
+    """Run :func:`rwcnet.register.register` showing each stage's progress on stderr (plain lines off a terminal)."""
+    with StageProgress(console) as progress:
+        progress.stage("reading")
+        return run_registration(fixed, moving, on_stage=progress.stage, on_step=progress.step, **kwargs)
 
 
 def write_outputs(
