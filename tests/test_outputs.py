@@ -255,3 +255,29 @@ def test_sigterm_during_registration_exits_143_and_writes_nothing(pair):
     assert process.returncode == 143, err
     assert "Traceback" not in err
     assert files(pair) == before
+
+
+def test_a_nifti_cut_short_by_itk_on_a_full_disk_is_an_error_not_a_file(tmp_path, monkeypatch):
+    # ITK's NIfTI writer reports no error when the disk is full: it leaves a short file and returns.
+    import SimpleITK
+
+    from rwcnet.errors import InputError
+    from rwcnet.io import write_itk_field
+
+    real_write = SimpleITK.WriteImage
+
+    def cut_short(image, path, *args, **kwargs):
+        real_write(image, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 3])
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(SimpleITK, "WriteImage", cut_short)
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    reference = Image(np.zeros(SHAPE, np.float32), np.eye(4))
+    field = np.random.default_rng(0).normal(size=(*SHAPE, 3)).astype(np.float32)
+    with pytest.raises(InputError, match="itk.nii.gz: No space left on device"):
+        write_itk_field(tmp_path / "itk.nii.gz", field, reference)
+    assert files(tmp_path) == set()

@@ -16,6 +16,8 @@ problem with a user's file raises :class:`rwcnet.errors.InputError` naming it.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Sequence
@@ -138,6 +140,26 @@ def _nifti_image(
     return image
 
 
+def _write_sitk(image: sitk.Image, path: Path) -> None:
+    """``sitk.WriteImage`` (compressed) whose failures are ``OSError``, as Python's own writers give.
+
+    ITK reports a full disk as a ``RuntimeError`` for MHA/NRRD, and not at all
+    for NIfTI (the file is silently cut short), so NIfTI files are read back.
+    """
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+        if _suffix(path) in NIFTI_SUFFIXES:
+            np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as error:  # RuntimeError from ITK; nibabel/zlib errors for a cut-short file
+        folder = os.statvfs(path.parent)
+        full = folder.f_bavail * folder.f_frsize < 1 << 20
+        code = errno.ENOSPC if full else next((c for c in (errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOSPC)
+                                                if os.strerror(c) in str(error)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from error
+
+
 def _check_volume(array: np.ndarray, path: Path) -> np.ndarray:
     """Squeeze trailing singleton axes; refuse anything but a finite numeric 3D volume."""
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -211,7 +233,7 @@ def write_image(path: str | Path, array: np.ndarray, reference: Image) -> None:
         if suffix in NIFTI_SUFFIXES:
             _nifti_image(array, reference.affine, reference.header, copy_header=True).to_filename(str(tmp))
         else:
-            sitk.WriteImage(_to_sitk(array, reference.affine), str(tmp), useCompression=True)
+            _write_sitk(_to_sitk(array, reference.affine), tmp)
 
 
 def same_grid(a: Image, b: Image, atol: float = 1e-4) -> bool:
@@ -378,7 +400,7 @@ def write_itk_field(path: str | Path, field: np.ndarray, reference: Image) -> No
     vectors = field @ (_RAS_TO_LPS @ reference.affine[:3, :3]).T
     image = _to_sitk(vectors, reference.affine, vector=True)
     with atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        _write_sitk(image, tmp)
 
 
 def read_itk_field(path: str | Path, reference: Image) -> np.ndarray:
