@@ -58,6 +58,20 @@ def _create_temporary(path: Path) -> Path:
             continue
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back in the block (delivered at its end), so a temporary file is never left untracked."""
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _format_ok(path: Path, formats: Sequence[str]) -> bool:
     return path.name.lower().endswith(tuple(formats))
 
@@ -68,7 +82,8 @@ def check_output_folder(folder: Path, what: str = "output folder") -> None:
         raise InputError(f"{folder}: {what} is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        os.remove(_create_temporary(folder / "probe"))
+        with _signals_held():
+            os.remove(_create_temporary(folder / "probe"))
     except OSError as error:
         raise InputError(f"{folder}: cannot write in this {what} ({os.strerror(error.errno or errno.EIO)})") from error
 
@@ -92,7 +107,8 @@ def check_outputs(*outputs: tuple[Path | None, Sequence[str], str]) -> None:
         if not folder.is_dir():
             raise InputError(f"{path}: output folder {folder} does not exist")
         try:
-            os.remove(_create_temporary(path))
+            with _signals_held():
+                os.remove(_create_temporary(path))
         except OSError as error:
             raise InputError(f"{path}: cannot write in {folder} ({os.strerror(error.errno or errno.EIO)})") from error
         key = path.resolve()
@@ -112,20 +128,17 @@ class _Together:
 
         If one rename fails the targets renamed before it are removed again, so none appears.
         """
-        held = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         placed: list[Path] = []
-        try:
-            for temporary, target in self.pending:
-                os.replace(temporary, target)
-                placed.append(target)
-            self.pending = []
-        except BaseException:
-            for target in placed:
-                target.unlink(missing_ok=True)
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        with _signals_held():
+            try:
+                for temporary, target in self.pending:
+                    os.replace(temporary, target)
+                    placed.append(target)
+                self.pending = []
+            except BaseException:
+                for target in placed:
+                    target.unlink(missing_ok=True)
+                raise
 
     def discard(self) -> None:
         for temporary, _ in self.pending:
@@ -170,24 +183,21 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     folder = _folder(path)
     if not folder.is_dir():
         raise InputError(f"{path}: output folder {folder} does not exist")
-    try:
-        temporary = _create_temporary(path)
-    except OSError as error:
-        _raise_if_environment(error, path)
-        raise
     batch = _together.get()
+    temporary: Path | None = None
     try:
+        with _signals_held():
+            temporary = _create_temporary(path)
         yield temporary
         if batch is None:
             os.replace(temporary, path)
         else:
             batch.pending.append((temporary, path))
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        _raise_if_environment(error, path)
-        raise
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            _raise_if_environment(error, path)
         raise
 
 
