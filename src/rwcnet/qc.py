@@ -25,8 +25,8 @@ from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from rwcnet.errors import InputError
-from rwcnet.outputs import atomic_output
 from rwcnet.geometry import jacobian_determinant
+from rwcnet.outputs import atomic_output
 
 COLUMNS = ("fixed", "moving", "warped", "|fixed − moving|", "|fixed − warped|", "deformation grid",
            "Jacobian determinant")

@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 
 from rwcnet.errors import InputError
-from rwcnet.outputs import atomic_output
 from rwcnet.model import RWCNet, load_model, save_model
 from rwcnet.model.files import build_model
+from rwcnet.outputs import atomic_output
 from rwcnet.train_config import PhaseConfig, TrainingConfig, dump_config
 from rwcnet.train_data import TrainingData, iterate_steps
 from rwcnet.train_log import Progress, TrainLog

@@ -16,10 +16,10 @@ import torch
 import typer
 
 from rwcnet.errors import InputError
-from rwcnet.outputs import atomic_output, check_outputs, written_together
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
 from rwcnet.grids import Grid, check_field_fits, field_header_grid, sampling_field
 from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
+from rwcnet.outputs import atomic_output, check_outputs, written_together
 
 INVERSE_TOLERANCE = 0.01  # voxels: largest accepted |x + u(x) - p| of an inverted keypoint
 

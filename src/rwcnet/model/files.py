@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from rwcnet.errors import InputError
-from rwcnet.outputs import atomic_output
 from rwcnet.model.cascade import RWCNet
 from rwcnet.model.config import ModelConfig, model_preset
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
+from rwcnet.outputs import atomic_output
 
 FORMAT = "rwcnet-model"
 FORMAT_VERSION = 1
