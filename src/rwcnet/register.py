@@ -276,7 +276,7 @@ def register(
     notes.append("ConvexAdam (in-package baseline)" if method == "convexadam" else note)
     warnings: list[str] = []
     if network is not None:
-        warning = modality_warning(metadata, modality, str(model))
+        warning = modality_warning(metadata, modality, Path(str(model)).name)
         if warning:
             warnings.append(warning)
     seconds["read"] = time.perf_counter() - start
