@@ -90,9 +90,9 @@ def register(
         "default", "--model",
         help="default (the modality's model: brain for mr; for ct too, with a warning, until a lung model ships), "
              "a shipped model name (brain), a model file, or 'none' for instance optimisation alone. "
-             "IO alone follows displacements up to about 6 mm (known shifts, benchmarks/io_capture_range.py: "
-             "a 6 mm translation recovered to within a voxel, 10 mm to 2 mm on a brain and 4.5 mm on a CT, "
-             "15 mm lost): use it for pairs already aligned to within a few mm, not for breathing motion.",
+             "IO alone follows shifts up to about 6 mm and smooth deformations up to about 10 mm (known "
+             "displacements, benchmarks/io_capture_range.py: residual 0.9-1.0 mm at a 6 mm shift, 2-4.5 mm at 10 mm, "
+             "lost at 15 mm): use it alone for pairs already aligned to within a few mm, not for breathing motion.",
     ),
     io: bool = typer.Option(True, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the network."),
     io_iters: Optional[int] = typer.Option(None, "--io-iters", min=0, help="Adam steps (default: the modality preset's)."),
