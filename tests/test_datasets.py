@@ -133,3 +133,10 @@ def test_field_names_and_find_field(tmp_path: Path):
     assert find_field(tmp_path, fixed, moving) == tmp_path / short
     with pytest.raises(InputError, match="fixed.nii.gz"):
         field_names("fixed.nii.gz", moving)
+
+
+@pytest.mark.parametrize("recorded, expected", [({"0": "CT"}, "ct"), ({"0": "MR"}, "mr"), (None, "mr")])
+def test_dataset_modality_names_the_models_preset(tmp_path, recorded, expected):
+    meta = {"name": "X", "training": []} | ({"modality": recorded} if recorded else {})
+    (tmp_path / "X_dataset.json").write_text(json.dumps(meta))
+    assert Learn2RegDataset(tmp_path).modality == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +191,20 @@ def test_model_file_round_trip_and_refusals(tmp_path):
         load_model(tmp_path / "junk.pt")
     with pytest.raises(InputError, match="missing.pt"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_model_files_record_their_modality_and_old_files_read_as_mr(tmp_path):
+    from importlib import resources
+
+    shipped = Path(str(resources.files("rwcnet") / "weights" / "brain.pt"))
+    assert "modality" not in torch.load(shipped, weights_only=True)["metadata"]  # written before modality was recorded
+    assert load_model(shipped)[1]["modality"] == "mr"
+    model = RWCNet(tiny_model())
+    save_model(tmp_path / "ct.pt", model, {"modality": "ct"})
+    assert load_model(tmp_path / "ct.pt")[1]["modality"] == "ct"
+    with pytest.raises(ValueError, match="pet"):
+        save_model(tmp_path / "pet.pt", model, {"modality": "pet"})
+    assert not (tmp_path / "pet.pt").exists()
 
 
 @pytest.mark.slow

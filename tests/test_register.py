@@ -74,6 +74,44 @@ def test_a_model_on_another_working_grid_returns_the_field_on_the_fixed_grid(tmp
     assert any("working grid" in note for note in result.notes)
 
 
+def _tiny_model(path, metadata):
+    stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
+                        motion_channels=8, head_channels=8, flow_kernel=3)
+    save_model(path, RWCNet(ModelConfig(stages=[stage], dropout=0.0)), metadata)
+    return path
+
+
+def test_the_network_grid_is_never_finer_than_the_fixed_image_and_io_runs_on_the_fixed_grid(tmp_path, monkeypatch):
+    import rwcnet.register as register_module
+
+    path = _tiny_model(tmp_path / "model.pt", {"orientation": "LIA", "spacing_mm": 1.0})
+    seen = {}
+    forward, optimise = RWCNet.forward, register_module.instance_optimise
+    monkeypatch.setattr(RWCNet, "forward", lambda self, f, m, **k: seen.setdefault("network", tuple(f.shape[2:])) and forward(self, f, m, **k))
+    monkeypatch.setattr(register_module, "instance_optimise",
+                        lambda f, m, u, **k: seen.setdefault("io", (tuple(f.shape[2:]), tuple(u.shape[2:]))) and optimise(f, m, u, **k))
+    fixed = Image(blobs((20, 16, 12), 5), np.diag([2.0, 2.0, 2.0, 1.0]))  # RAS at 2 mm
+    result = register(fixed, fixed, model=path, io_iterations=1, device="cpu")
+    # LIA axes are -x, -z, +y: extents 38, 22, 30 mm at 2 mm (the fixed spacing, coarser than the model's 1 mm)
+    assert seen["network"] == (20, 12, 16)
+    assert seen["io"] == ((20, 16, 12), (20, 16, 12))
+    assert result.field.shape == (20, 16, 12, 3)
+
+
+def test_a_model_of_another_modality_runs_with_a_one_line_warning(tmp_path, images):
+    path = _tiny_model(tmp_path / "mr.pt", {})  # no modality recorded: an MR model
+    fixed = Image(blobs((16, 16, 16), 6) * 1000.0 - 500.0, np.eye(4))
+    mask = Image(np.ones((16, 16, 16), np.uint8), np.eye(4))
+    as_ct = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
+    assert len(as_ct.warnings) == 1 and "MR" in as_ct.warnings[0] and "CT" in as_ct.warnings[0]
+    assert register(fixed, fixed, model=path, io=False, modality="mr", device="cpu").warnings == []
+    result = runner.invoke(app, ["register", "--fixed", str(images / "fixed.nii.gz"), "--moving", str(images / "moving.nii.gz"),
+                                 "--fixed-mask", str(images / "fixed.nii.gz"), "--output", str(images / "d.nii.gz"),
+                                 "--model", str(path), "--no-io", "--modality", "ct"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [f"warning: {as_ct.warnings[0]}"]
+
+
 def test_network_memory_is_released_before_instance_optimisation(tmp_path, monkeypatch):
     import rwcnet.register as register_module
 

@@ -168,6 +168,13 @@ class Learn2RegDataset:
             raise InputError(f"{self.json_path}: 'evaluation_labels' must be a list of integers") from error
 
     @property
+    def modality(self) -> str:
+        """``ct`` when the JSON's ``modality`` of image 0 says CT, else ``mr`` (rwcnet's two modality presets)."""
+        recorded = self.meta.get("modality")
+        name = recorded.get("0", "") if isinstance(recorded, dict) else ""
+        return "ct" if str(name).strip().upper() == "CT" else "mr"
+
+    @property
     def image_shape(self) -> tuple[int, int, int] | None:
         """``tensorImageShape`` of modality 0, or None."""
         shape = self.meta.get("tensorImageShape", {}).get("0")

@@ -2,11 +2,13 @@
 
 Steps: read the images (any supported format) -> bring the moving image onto
 the fixed grid in physical space when the grids differ -> normalise
-intensities by modality -> resample both onto the model's working grid
-(the orientation and spacing it was trained with) -> network -> instance
-optimisation on MIND features -> map the field back to the fixed grid
-(vectors rotated and rescaled) -> warp the original moving image (sampled once,
-through physical space when it lies on another grid).
+intensities by modality -> network on its working grid (the model's
+orientation and spacing, never finer than the fixed image; the field is
+mapped back to the fixed grid, vectors rotated and rescaled) -> instance
+optimisation on MIND features on the fixed grid -> warp the original moving image
+(sampled once, through physical space when it lies on another grid).
+The model's grid applies to the network's input only: IO and the output
+stay on the fixed image's own grid, so their cost follows the data.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ StepCallback = Callable[[int, int, float], None]
 
 SHIPPED_MODELS = {"brain": "brain.pt"}
 IO_PRESET = {"mr": "brain", "ct": "lung"}
+#: The model ``model="default"`` means for each modality. CT keeps the MR-trained brain model (with a
+#: warning) until a lung model ships: IO alone cannot follow breathing motion (see the README).
+DEFAULT_MODELS = {"mr": "brain", "ct": "brain"}
 
 
 @dataclass
@@ -51,6 +56,7 @@ class RegistrationResult:
     moving: Image  # the moving image on the fixed grid (resampled if it was elsewhere)
     seconds: dict[str, float] = dataclass_field(default_factory=dict)
     notes: list[str] = dataclass_field(default_factory=list)
+    warnings: list[str] = dataclass_field(default_factory=list)  # one line each; the command prints them as "warning: ..."
 
 
 def shipped_model_path(name: str) -> Path | None:
@@ -59,10 +65,17 @@ def shipped_model_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_model(model: str | Path | None, device: torch.device) -> tuple[RWCNet | None, dict, str]:
-    """Load ``model`` (a shipped name, a path or ``None``); returns the network, its metadata and a note."""
+def resolve_model(
+    model: str | Path | None, device: torch.device, modality: str = "mr"
+) -> tuple[RWCNet | None, dict, str]:
+    """Load ``model`` (``"default"``, a shipped name, a path or ``None``); returns the network, its metadata and a note.
+
+    ``"default"`` is :data:`DEFAULT_MODELS` of ``modality``.
+    """
     if model is None:
         return None, {}, "no network: instance optimisation alone"
+    if str(model) == "default":
+        model = DEFAULT_MODELS[modality]
     if str(model) in SHIPPED_MODELS:
         path = shipped_model_path(str(model))
         if path is None:
@@ -70,7 +83,16 @@ def resolve_model(model: str | Path | None, device: torch.device) -> tuple[RWCNe
     else:
         path = Path(model)
     network, metadata = load_model(path, device=device)
-    return network, metadata, f"network: {path.name} ({network.config.name})"
+    return network, metadata, f"network: {path.name} ({network.config.name}, trained on {metadata['modality'].upper()})"
+
+
+def modality_warning(metadata: dict, modality: str, name: str) -> str | None:
+    """The one-line warning for a model trained on another modality than ``modality`` (None when they match)."""
+    trained = metadata.get("modality", "mr")
+    if trained == modality:
+        return None
+    return (f"model {name} was trained on {trained.upper()} images and is used here on {modality.upper()} "
+            f"(--modality {modality}); expect lower accuracy than on {trained.upper()}")
 
 
 def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -79,9 +101,7 @@ def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -
     Returns its voxel-to-RAS affine and shape.
     """
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
-    direction = np.zeros((3, 3))
-    for axis, (ras_axis, sign) in enumerate(nib.orientations.axcodes2ornt(tuple(orientation))):
-        direction[int(ras_axis), axis] = sign
+    direction = _orientation_matrix(orientation)
     corners = np.array([[i, j, k, 1.0] for i in (0, fixed.shape[0] - 1) for j in (0, fixed.shape[1] - 1) for k in (0, fixed.shape[2] - 1)])
     points = (fixed.affine @ corners.T)[:3]
     projected = direction.T @ points  # mm along each working axis
@@ -91,6 +111,27 @@ def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -
     affine[:3, :3] = direction * spacing
     affine[:3, 3] = direction @ low
     return affine, shape  # type: ignore[return-value]
+
+
+def _orientation_matrix(orientation: str) -> np.ndarray:
+    """Columns: the RAS unit vector of each array axis of an orientation code such as ``"LIA"``."""
+    direction = np.zeros((3, 3))
+    for axis, (ras_axis, sign) in enumerate(nib.orientations.axcodes2ornt(tuple(orientation))):
+        direction[int(ras_axis), axis] = sign
+    return direction
+
+
+def network_spacing(fixed: Image, spacing: float | list[float], orientation: str) -> np.ndarray:
+    """The network's working spacing (mm, per axis of ``orientation``): the model's, or the fixed image's where coarser.
+
+    Along each working axis the fixed image's spacing is that of its array axis closest
+    in direction, so a 1.5 mm CT is not upsampled to a 1 mm model grid.
+    """
+    model = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    columns = fixed.affine[:3, :3]
+    voxel_mm = np.linalg.norm(columns, axis=0)
+    alignment = np.abs(_orientation_matrix(orientation).T @ (columns / voxel_mm))  # working axis x fixed axis
+    return np.maximum(model, voxel_mm[alignment.argmax(axis=1)])
 
 
 def intensity_mapping(metadata: dict, modality: str, ct_range: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
@@ -135,6 +176,36 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
 
+def _run_network(
+    network: RWCNet, metadata: dict, fixed: Image, moving: Image, intensities: Callable[[np.ndarray], np.ndarray],
+    device: torch.device, notes: list[str],
+) -> torch.Tensor:
+    """The network's field ``(1, 3, *fixed.shape)`` in fixed voxels; ``moving`` is on the fixed grid.
+
+    The network sees both images on its working grid (the model's orientation, at
+    :func:`network_spacing`); when that is not the fixed grid, the images are resampled
+    onto it and the field is mapped back with :func:`rwcnet.geometry.resample_field`.
+    """
+    on_fixed_grid, work = True, fixed
+    if "orientation" in metadata:
+        spacing = network_spacing(fixed, metadata.get("spacing_mm", 1.0), metadata["orientation"])
+        affine, shape = working_grid(fixed, spacing, metadata["orientation"])
+        on_fixed_grid = tuple(shape) == fixed.shape and bool(np.allclose(affine, fixed.affine, atol=1e-4))
+        if not on_fixed_grid:
+            work = Image(np.zeros(shape, np.float32), affine)
+            notes.append(f"network working grid {metadata['orientation']} {tuple(shape)} at "
+                         f"{'x'.join(f'{s:g}' for s in spacing)} mm (IO and output on the fixed grid)")
+    inputs = [_tensor(intensities(img.array if on_fixed_grid else resample_image(img, work, order=1).array), device)
+              for img in (fixed, moving)]
+    with torch.inference_mode():
+        field = network(inputs[0], inputs[1]).field
+    del inputs
+    if on_fixed_grid:
+        return field.clone()
+    with torch.no_grad():
+        return geometry.resample_field(field, torch.from_numpy(work.affine), torch.from_numpy(fixed.affine), fixed.shape)
+
+
 def pick_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; refuses ``cuda`` on a machine without it."""
     if device == "auto":
@@ -152,7 +223,7 @@ def register(
     *,
     fixed_mask: Image | str | Path | None = None,
     moving_mask: Image | str | Path | None = None,
-    model: str | Path | None = "brain",
+    model: str | Path | None = "default",
     io: bool = True,
     io_iterations: int | None = None,
     modality: str = "mr",
@@ -165,9 +236,10 @@ def register(
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; returns the Learn2Reg field on the fixed grid and the warped image.
 
-    ``model`` is a shipped model name (``"brain"``), a model file, or
-    ``None`` for instance optimisation alone (also used, with a note, when the
-    shipped weights are absent). ``modality`` picks intensity normalisation
+    ``model`` is ``"default"`` (the modality's model, :data:`DEFAULT_MODELS`), a shipped
+    model name (``"brain"``), a model file, or ``None`` for instance optimisation alone
+    (also used, with a note, when the shipped weights are absent). A model trained on
+    another modality than ``modality`` runs, with a one-line entry in ``warnings``. ``modality`` picks intensity normalisation
     (unless the model file records the range it was trained with, see
     :func:`intensity_mapping`) and the instance-optimisation preset (``mr``:
     brain, ``ct``: lung; for CT without masks, lung masks are computed). Seeds torch with ``seed``.
@@ -203,62 +275,48 @@ def register(
         stage("lung masks")
         masks = [Image(lung_mask(img.array, img.spacing).astype(np.uint8), img.affine) for img in (fixed_img, moving_img)]
         notes.append("CT without masks: lung masks computed for instance optimisation")
-    network, metadata, note = resolve_model(model, dev)
+    network, metadata, note = resolve_model(model, dev, modality)
     notes.append("ConvexAdam (in-package baseline)" if method == "convexadam" else note)
+    warnings: list[str] = []
+    if network is not None:
+        warning = modality_warning(metadata, modality, Path(str(model)).name)
+        if warning:
+            warnings.append(warning)
     seconds["read"] = time.perf_counter() - start
 
-    # the working grid: the model's orientation and spacing, or the fixed grid itself
-    if network is not None and "orientation" in metadata:
-        affine, shape = working_grid(fixed_img, metadata.get("spacing_mm", 1.0), metadata["orientation"])
-        work_ref = Image(np.zeros(shape, np.float32), affine)
-        on_fixed_grid = np.allclose(affine, fixed_img.affine, atol=1e-4) and tuple(shape) == fixed_img.shape
-    else:
-        work_ref, on_fixed_grid = fixed_img, True
-    if not on_fixed_grid:
-        notes.append(f"working grid {metadata['orientation']} {tuple(work_ref.shape)} at {metadata.get('spacing_mm', 1.0)} mm")
     intensities, intensity_note = intensity_mapping(metadata if network is not None else {}, modality, ct_range)
     if intensity_note:
         notes.append(intensity_note)
-    images = []
-    for img in (fixed_img, moving_img):
-        on_work = img if on_fixed_grid else resample_image(img, work_ref, order=1)
-        images.append(_tensor(intensities(on_work.array), dev))
-    work_masks = [
-        None if m is None else _tensor(m.array > 0 if on_fixed_grid else resample_image(m, work_ref, order=0).array > 0, dev)
-        for m in masks
-    ]
-
-    field = torch.zeros(1, 3, *work_ref.shape, device=dev)
+    field = torch.zeros(1, 3, *fixed_img.shape, device=dev)
+    if network is not None:
+        stage("network")
+        t = time.perf_counter()
+        field = _run_network(network, metadata, fixed_img, moving_img, intensities, dev, notes)
+        seconds["network"] = time.perf_counter() - t
+        release_freed_memory()
+    # instance optimisation and the output stay on the fixed grid
+    images = [_tensor(intensities(img.array), dev) for img in (fixed_img, moving_img)]
+    fixed_masks = [None if m is None else _tensor(m.array > 0, dev) for m in masks]
     if method == "convexadam":
         from rwcnet.convexadam import convex_adam
 
         t = time.perf_counter()
         field = convex_adam(
             images[0], images[1], preset=IO_PRESET[modality], io_iterations=io_iterations if io else 0,
-            fixed_mask=work_masks[0], moving_mask=work_masks[1], progress=on_step, on_stage=stage,
+            fixed_mask=fixed_masks[0], moving_mask=fixed_masks[1], progress=on_step, on_stage=stage,
         )
         seconds["convexadam"] = time.perf_counter() - t
-    elif network is not None:
-        stage("network")
-        t = time.perf_counter()
-        with torch.inference_mode():
-            field = network(images[0], images[1]).field
-        seconds["network"] = time.perf_counter() - t
-        release_freed_memory()
     if io and method == "rwcnet":
         stage("instance optimisation")
         t = time.perf_counter()
         field = instance_optimise(
-            images[0], images[1], field.clone(), preset=IO_PRESET[modality], iterations=io_iterations,
-            fixed_mask=work_masks[0], moving_mask=work_masks[1], progress=on_step,
+            images[0], images[1], field, preset=IO_PRESET[modality], iterations=io_iterations,
+            fixed_mask=fixed_masks[0], moving_mask=fixed_masks[1], progress=on_step,
         )
         seconds["instance_optimisation"] = time.perf_counter() - t
+    del images, fixed_masks
     stage("output")
     with torch.no_grad():
-        if not on_fixed_grid:
-            field = geometry.resample_field(
-                field, torch.from_numpy(work_ref.affine), torch.from_numpy(fixed_img.affine), fixed_img.shape
-            )
         sampling = field.to(torch.float32)
         if original_moving is not moving_img:
             sampling = geometry.moving_voxel_field(
@@ -274,4 +332,5 @@ def register(
         moving=moving_img,
         seconds=seconds,
         notes=notes,
+        warnings=warnings,
     )

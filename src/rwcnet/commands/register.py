@@ -10,7 +10,6 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from rwcnet.datasets import field_names
 from rwcnet.errors import InputError
 from rwcnet.io import FIELD_SUFFIXES, NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, write_field, write_image, write_itk_field
 from rwcnet.outputs import check_output_folder, check_outputs, written_together
@@ -59,26 +58,15 @@ def write_outputs(
             )
 
 
-def _batch(dataset: Path, pairs: str, output_dir: Path, options: dict) -> None:
-    from rwcnet.datasets import Learn2RegDataset
+def _batch(jobs, output_dir: Path, options: dict) -> None:
+    from rwcnet.batch import run_jobs
 
-    data = Learn2RegDataset(dataset)
-    todo = data.pairs(pairs)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    mine = todo[rank::world]
-    if not output_dir.is_dir():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"{len(mine)} of {len(todo)} pairs on process {rank}/{world} -> {output_dir}")
-    for index, pair in enumerate(mine, 1):
-        short, long = field_names(pair.fixed, pair.moving)
-        if (output_dir / short).exists() and (output_dir / long).exists():
-            console.print(f"[{index}/{len(mine)}] {pair.key}: already done")
-            continue
-        fixed_mask, moving_mask = data.mask_path(pair.fixed), data.mask_path(pair.moving)
-        result = run_with_progress(pair.fixed, pair.moving, fixed_mask=fixed_mask, moving_mask=moving_mask, **options)
-        write_field(output_dir / long, result.field, result.fixed)
-        write_field(output_dir / short, result.field, result.fixed)
-        console.print(f"[{index}/{len(mine)}] {pair.key}: {result.seconds['total']:.1f} s")
+    def register_one(job):
+        return run_with_progress(job.fixed, job.moving, fixed_mask=job.fixed_mask, moving_mask=job.moving_mask, **options)
+
+    code = run_jobs(jobs, output_dir, register_one, lambda line: console.print(line, soft_wrap=True, markup=False))
+    if code:
+        raise typer.Exit(code)
 
 
 def register(
@@ -87,7 +75,14 @@ def register(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Learn2Reg field (X,Y,Z,3) in fixed voxels, .nii.gz or .npz."),
     fixed_mask: Optional[Path] = typer.Option(None, "--fixed-mask", help="Mask on the fixed grid."),
     moving_mask: Optional[Path] = typer.Option(None, "--moving-mask", help="Mask on the moving grid."),
-    model: str = typer.Option("brain", "--model", help="Shipped model name (brain), a model file, or 'none' for instance optimisation alone."),
+    model: str = typer.Option(
+        "default", "--model",
+        help="default (the modality's model: brain for mr; for ct too, with a warning, until a lung model ships), "
+             "a shipped model name (brain), a model file, or 'none' for instance optimisation alone. "
+             "IO alone follows shifts up to about 6 mm and smooth deformations up to about 10 mm (known "
+             "displacements, benchmarks/io_capture_range.py: residual 0.9-1.0 mm at a 6 mm shift, 2-4.5 mm at 10 mm, "
+             "lost at 15 mm): use it alone for pairs already aligned to within a few mm, not for breathing motion.",
+    ),
     io: bool = typer.Option(True, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the network."),
     io_iters: Optional[int] = typer.Option(None, "--io-iters", min=0, help="Adam steps (default: the modality preset's)."),
     modality: str = typer.Option("mr", "--modality", help="mr (brain-like) or ct (lung-like): normalisation and IO preset."),
@@ -98,25 +93,43 @@ def register(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Random seed (recorded; the pipeline is deterministic on CPU)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Batch mode: a Learn2Reg dataset folder."),
-    pairs: str = typer.Option("val", "--pairs", help="Batch mode: val, test, or a CSV of fixed,moving paths."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Batch mode: folder for disp_*.nii.gz (both name forms)."),
+    pairs: Optional[str] = typer.Option(
+        None, "--pairs",
+        help="Batch mode. With --dataset: val (default), test, or a CSV of fixed,moving paths. Alone: a CSV of "
+             "fixed,moving[,output,fixed_mask,moving_mask] (header optional, paths relative to the CSV; "
+             "default output OUTDIR/disp_<fixed stem>_<moving stem>.nii.gz). Finished pairs are skipped; failed "
+             "ones are reported, the others go on, and the command exits 1; OUTDIR/status.json lists every pair.",
+    ),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir",
+        help="Batch mode: folder for the fields and status.json (dataset mode: the newer Learn2Reg name, "
+             "the older one a relative symlink to it).",
+    ),
 ) -> None:
-    """Register a moving image to a fixed image (or every pair of a dataset) and write the displacement field."""
+    """Register a moving image to a fixed image (or every pair of a CSV or a dataset) and write the displacement field."""
     options = dict(
         model=None if model.lower() == "none" else model, io=io, io_iterations=io_iters, modality=modality,
         ct_range=ct_range, device=device, seed=seed,
     )
-    if dataset is not None:
+    if dataset is not None or pairs is not None:
+        from rwcnet.batch import dataset_jobs, read_jobs_csv
+
         if output_dir is None:
-            raise InputError("--dataset needs --output-dir")
+            raise InputError("batch mode (--dataset or --pairs) needs --output-dir")
+        if dataset is not None:
+            jobs = dataset_jobs(dataset, pairs or "val", output_dir)
+        else:
+            jobs = read_jobs_csv(pairs, output_dir)
         check_output_folder(output_dir)
-        _batch(dataset, pairs, output_dir, options)
+        _batch(jobs, output_dir, options)
         return
     if fixed is None or moving is None or output is None:
         raise InputError("give --fixed, --moving and --output (or --dataset with --output-dir)")
     check_registration_outputs(output, warped, itk_field, qc)
     result = run_with_progress(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, **options)
     write_outputs(result, output, warped=warped, itk_field=itk_field, qc=qc)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     for note in result.notes:
         console.print(f"note: {note}")
     timing = ", ".join(f"{name} {value:.1f} s" for name, value in result.seconds.items())

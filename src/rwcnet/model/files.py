@@ -1,8 +1,11 @@
 """Model files: one file per model, holding the weights, the network config and its metadata.
 
 The metadata records what the model expects of its inputs (working spacing
-and orientation, intensity normalisation) and how it was trained, so that
-``register`` can prepare images the same way.
+and orientation, intensity normalisation, the ``modality`` it was trained on:
+``mr`` or ``ct``) and how it was trained, so that ``register`` can prepare
+images the same way and say when a model is used on another modality.
+A file written before ``modality`` was recorded (such as the first shipped
+``brain.pt``) holds MR weights and reads as ``mr``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from rwcnet.outputs import atomic_output
 
 FORMAT = "rwcnet-model"
 FORMAT_VERSION = 1
+MODALITIES = ("mr", "ct")
+#: The modality of a model file whose metadata does not record one (files from before it was recorded).
+DEFAULT_MODALITY = "mr"
 
 
 def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCNet | LapIRN:
@@ -32,7 +38,13 @@ def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCN
 
 
 def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``model`` with its config and ``metadata`` to ``path`` atomically."""
+    """Write ``model`` with its config and ``metadata`` to ``path`` atomically.
+
+    ``metadata["modality"]``, when given, must be one of :data:`MODALITIES`.
+    """
+    modality = (metadata or {}).get("modality")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"model modality must be one of {MODALITIES}, not {modality!r}")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,6 +58,8 @@ def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: dict[str, Any
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[RWCNet | LapIRN, dict[str, Any]]:
     """Read a model file; returns the network (eval mode) and its metadata.
+
+    The metadata always has ``modality`` (``mr`` when the file does not record it).
 
     Raises :class:`InputError` naming the file when it is missing, not a
     model file, of another format version, or its weights do not fit its config.
@@ -67,4 +81,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         model.load_state_dict(payload["state_dict"])
     except Exception as error:
         raise InputError(f"{path}: model config or weights are incompatible with this rwcnet: {error}") from error
-    return model.to(device).eval(), payload.get("metadata", {})
+    metadata = dict(payload.get("metadata") or {})
+    metadata.setdefault("modality", DEFAULT_MODALITY)
+    if metadata["modality"] not in MODALITIES:
+        raise InputError(f"{path}: unknown model modality {metadata['modality']!r} (expected one of {MODALITIES})")
+    return model.to(device).eval(), metadata
