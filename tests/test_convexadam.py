@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,29 @@ def test_steps_match_the_official_package():
     ).permute(0, 4, 1, 2, 3).reshape(3, -1, 1)
     expected = official.coupled_convex(cost, argmin, mesh, 1, shape)
     torch.testing.assert_close(coupled_convex(cost_volume(fixed, moving, radius), radius), expected)
+
+
+def test_steps_match_the_official_package_fixture():
+    """MIND, the discrete argmin and the coupled-convex result equal the official ``convexAdam`` 0.2.0's.
+
+    The reference values were made once by ``tests/fixtures/make_convexadam_fixture.py`` with the
+    official package, from a seeded 32³ pair moved by up to 5 voxels; this test runs without it.
+    """
+    reference = np.load(Path(__file__).parent / "fixtures" / "convexadam_official.npz")
+    assert str(reference["convexadam_version"]) == "0.2.0"
+    spacing, radius = int(reference["grid_spacing"]), int(reference["radius"])
+    fixed, moving = (torch.from_numpy(reference[k].astype(np.float32) / 255)[None, None] for k in ("fixed", "moving"))
+
+    mind_fixed, mind_moving = mind_ssc(fixed), mind_ssc(moving)
+    theirs = torch.from_numpy(reference["mind_fixed"].astype(np.float32))
+    order = [min(range(12), key=lambda j: float((mind_fixed[0, i] - theirs[j]).abs().max())) for i in range(12)]
+    assert sorted(order) == list(range(12))
+    torch.testing.assert_close(mind_fixed[0], theirs[order], atol=1e-3, rtol=0)  # the fixture is float16
+
+    pooled = [torch.nn.functional.avg_pool3d(m, spacing) for m in (mind_fixed, mind_moving)]
+    cost = cost_volume(*pooled, radius)
+    argmin = shift_table(radius)[cost.argmin(dim=-1)].permute(3, 0, 1, 2)
+    expected_argmin = torch.from_numpy(reference["argmin_displacement"].astype(np.float32))
+    assert expected_argmin.abs().amax() >= 2  # the pair does move
+    assert torch.equal(argmin, expected_argmin)
+    torch.testing.assert_close(coupled_convex(cost, radius)[0], torch.from_numpy(reference["coupled_convex"]), atol=1e-5, rtol=0)
