@@ -15,7 +15,7 @@ from scipy import ndimage
 from rwcnet import geometry
 from rwcnet.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
 from rwcnet.synthmorph import OUTER_CSF, label_table, make_label_pair, merge_classes, random_transform
-from rwcnet.synthmorph_maps import LabelMaps, moment_alignment
+from rwcnet.synthmorph_maps import moment_alignment, refine_alignment
 from rwcnet.train import train
 from rwcnet.train_config import SynthMorphConfig, TrainingConfig
 from rwcnet.train_data import TrainingData
@@ -171,6 +171,26 @@ def test_moment_alignment_recovers_a_scaling_and_shift():
     matrix, shift = moment_alignment(source, target)
     np.testing.assert_allclose(matrix, np.diag([2.0, 1.0, 1.0]), atol=0.02)
     np.testing.assert_allclose(matrix @ np.array([19.5, 19.5, 19.5]) + shift, [24.5, 27.5, 29.5], atol=0.05)
+
+
+def test_refine_alignment_recovers_from_a_rotated_and_shifted_start():
+    """Start 12 degrees and 3 voxels off an exact alignment of an ellipsoid with a bump: the refinement gets back."""
+    grid = np.stack(np.meshgrid(*[np.arange(48, dtype=float) - 23.5] * 3, indexing="ij"))
+    shape = (grid[0] / 18) ** 2 + (grid[1] / 10) ** 2 + (grid[2] / 14) ** 2 < 1
+    shape |= (np.abs(grid[0] - 8) < 4) & (np.abs(grid[1]) < 4) & (grid[2] < -8) & (grid[2] > -20)
+    angle = np.radians(12.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    centre = np.full(3, 23.5)
+
+    def overlap(matrix, shift):
+        points = np.einsum("ij,jxyz->ixyz", matrix, grid + 23.5) + shift.reshape(3, 1, 1, 1)
+        moved = ndimage.map_coordinates(shape.astype(float), points, order=0) > 0.5
+        return 2 * (moved & shape).sum() / (moved.sum() + shape.sum())
+
+    start = (rotation, centre - rotation @ centre + np.array([3.0, -2.0, 1.0]))
+    refined = refine_alignment(shape, shape, *start, factor=2)
+    assert overlap(*refined) > overlap(*start) + 0.1
+    assert overlap(*refined) > 0.95
 
 
 def _dataset(root: Path) -> Path:
