@@ -1,9 +1,11 @@
-"""Seconds per training step of a training preset (default ``cpu-brain``), per phase, and of one validation.
+"""Seconds per training step of a training preset or YAML config (default ``cpu-brain``), per phase, and of one validation.
 
 Runs ``steps`` steps of every phase of the preset (validation on one
 held-out pair at the end of each phase, no report) in a temporary folder and
 prints the mean step time without the first step of each phase (which pays
-for reading images). A step's time includes making its samples.
+for reading images). A step's time includes making its samples. With label-map
+pairs (``synth-brain``) the steps are also split by sample kind (label pairs,
+image pairs), since they cost differently.
 
     python benchmarks/train_step_time.py [--preset cpu-brain] [--steps 4] [--threads 1] [--data DIR]
 """
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from rwcnet.train import train
-from rwcnet.train_config import training_preset
+from rwcnet.train_config import load_config
 from rwcnet.train_log import read_log
 
 
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
-    config = training_preset(args.preset)
+    config = load_config(args.preset)
     data = config.data if args.data is None else config.data.model_copy(update={"dataset": args.data})
     config = config.model_copy(update={
         "phases": [p.model_copy(update={"steps": args.steps}) for p in config.phases],
@@ -40,10 +42,14 @@ def main() -> None:
         records = read_log(Path(folder) / "log.jsonl")
     result = {"preset": args.preset, "threads": config.threads, "wall_seconds": round(summary["wall_seconds"], 1)}
     for phase in sorted({r["phase"] for r in records}):
-        steps = [r["seconds"] for r in records if r["kind"] == "train" and r["phase"] == phase]
+        train_records = [r for r in records if r["kind"] == "train" and r["phase"] == phase]
+        steps = [r["seconds"] for r in train_records]
         validation = [r["seconds"] for r in records if r["kind"] == "validation" and r["phase"] == phase]
         stage = next(r["stage"] for r in records if r["phase"] == phase)
-        result[f"stage{stage}"] = {
+        kinds = {kind: [r["seconds"] for r in train_records[1:] if key in r]
+                 for kind, key in (("label_pairs_s", "label_dice"), ("image_pairs_s", "mse"))}
+        result[f"phase{phase}_stage{stage}"] = {
+            **{kind: round(sum(v) / len(v), 2) for kind, v in kinds.items() if v},
             "first_step_s": round(steps[0], 2),
             "step_s": round(sum(steps[1:]) / max(len(steps) - 1, 1), 2),
             "validation_s": round(validation[-1], 2) if validation else None,

@@ -62,6 +62,9 @@ from rwcnet.commands.train import plot_log, train  # noqa: E402
 
 app.command()(train)
 app.command()(plot_log)
+from rwcnet.commands.synth_preview import synth_preview  # noqa: E402
+
+app.command(name="synth-preview")(synth_preview)
 
 
 def main() -> None:

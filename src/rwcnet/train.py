@@ -53,7 +53,7 @@ from rwcnet.train_data import TrainingData, iterate_steps
 from rwcnet.train_log import Progress, TrainLog
 from rwcnet.train_runtime import Distributed, Signals, TrainingInterrupted, init_distributed, load_checkpoint, \
     rng_state, save_checkpoint, set_rng_state
-from rwcnet.train_steps import report, sample_loss, validate
+from rwcnet.train_steps import report, sample_loss, validate, validate_labels
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -112,7 +112,7 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
         model.load_state_dict(load_model(init)[0].state_dict())
     model.to(device)
     data = TrainingData(config, model.config.alignment)
-    state = {"phase": selected[0] if selected else len(config.phases), "step": 0, "validated": 0,
+    state = {"phase": selected[0] if selected else len(config.phases), "step": 0, "validated": -1,
              "best": None, "best_metric": float("inf"), "wall_seconds": 0.0, "optimizer": None}
     if resume and checkpoint_path.exists():
         payload = load_checkpoint(checkpoint_path, config)
@@ -126,8 +126,10 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
         position = (state["phase"], state["step"])
         log.truncate(lambda r: (r.get("phase", -1), r.get("step", 0)) <= position and not (
             r.get("kind") == "validation" and (r["phase"], r["step"]) == position and state["validated"] != state["step"]))
-    validating = config.validation.pairs > 0
-    validation_samples = data.validation_samples() if validating and env.main else []
+    label_pairs = config.data.synthmorph.validation_pairs if config.data.synthmorph is not None else 0
+    validating = config.validation.pairs > 0 or label_pairs > 0
+    validation_samples = data.validation_samples() if config.validation.pairs and env.main else []
+    label_samples = data.validation_label_samples() if label_pairs and env.main else []
     signals = Signals()
     remaining = [i for i in selected if i >= state["phase"]]
     done = sum(config.phases[i].steps for i in selected if i < state["phase"]) + state["step"]
@@ -148,22 +150,30 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
         result = None
         if env.main:
             start = time.monotonic()
-            result = validate(model, validation_samples, phase.stage, device)
+            result = validate(model, validation_samples, phase.stage, device) if validation_samples else {}
+            if label_samples:
+                result.update(validate_labels(model, label_samples, phase.stage, device))
             result["seconds"] = time.monotonic() - start
         if env.world > 1:
             box = [result]
             dist.broadcast_object_list(box, src=0)
             result = box[0]
         with signals.critical():
-            if result["epe"] < state["best_metric"]:
-                state["best_metric"] = result["epe"]
+            metric = -result["label_dice"] if config.validation.metric == "dice" else result["epe"]
+            if metric < state["best_metric"]:
+                state["best_metric"] = metric
                 state["best"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             state["validated"] = state["step"]
             if log is not None:
                 log.write({"kind": "validation", "phase": phase_index, "stage": phase.stage, "step": state["step"],
                            "global_step": bar.done, **result})
-        bar.message(f"validation stage {phase.stage} step {state['step']}: EPE {result['epe']:.3f} mm "
-                    f"(before {result['epe_before']:.3f}), MSE {result['mse']:.5f}")
+        parts = []
+        if "epe" in result:
+            parts.append(f"EPE {result['epe']:.3f} mm (before {result['epe_before']:.3f}), MSE {result['mse']:.5f}")
+        if "label_dice" in result:
+            parts.append(f"label Dice {result['label_dice']:.4f} (before {result['label_dice_before']:.4f}), "
+                         f"folding {result['label_folding']:.5f}")
+        bar.message(f"validation stage {phase.stage} step {state['step']}: " + "; ".join(parts))
 
     with signals:
         try:
@@ -174,7 +184,8 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                 if state["optimizer"] is not None:
                     optimiser.load_state_dict(state["optimizer"])
                 model.train()
-                due = lambda step: step > 0 and (step % config.validation.every == 0 or step == phase.steps)  # noqa: E731
+                due = lambda step: (step > 0 or config.validation.at_start) and (  # noqa: E731
+                    step % config.validation.every == 0 or step == phase.steps)
                 if validating and due(state["step"]) and state["validated"] != state["step"]:
                     run_validation(phase_index, phase)
                 factor = model.config.stages[stage].downsample
@@ -221,7 +232,7 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                 with signals.critical():
                     if config.validation.select == "best" and state["best"] is not None:
                         model.load_state_dict(state["best"])
-                    state.update(phase=phase_index + 1, step=0, validated=0, best=None, best_metric=float("inf"), optimizer=None)
+                    state.update(phase=phase_index + 1, step=0, validated=-1, best=None, best_metric=float("inf"), optimizer=None)
                     save()
         except TrainingInterrupted:
             save()

@@ -92,6 +92,55 @@ class SyntheticConfig(_Strict):
         return self
 
 
+class SynthMorphConfig(_Strict):
+    """Pairs synthesised from label maps (:mod:`rwcnet.synthmorph`), trained with a soft Dice loss on merged classes.
+
+    Ranges are ``(low, high)`` drawn uniformly per image. Synthesis runs at
+    the resolution of the stage being trained (its downsampling factor), on
+    the grid of the ``reference`` training image (the maps are aligned to it
+    and cached in ``cache``, :mod:`rwcnet.synthmorph_maps`).
+    """
+
+    labels: str = Field("../shared/data/synthseg_labels", description="folder of training_seg_NN.nii.gz and labels.json")
+    train_maps: list[int] = Field(default_factory=lambda: list(range(1, 19)), description="map numbers used for training")
+    validation_maps: list[int] = Field(default_factory=lambda: [19, 20], description="map numbers used for validation only")
+    reference: str = Field("BRAIN_0003_0000", description="training image whose grid the maps are aligned and cropped to")
+    cache: str = Field("runs/cache", description="folder for the aligned, downsampled maps")
+    fraction: float = Field(0.8, ge=0, le=1, description="share of training samples made from label maps")
+    same_map: float = Field(0.3, ge=0, le=1, description="probability that both images of a pair come from one map")
+    skull_strip: float = Field(0.75, ge=0, le=1, description="probability that a pair is skull-stripped (else whole head)")
+    magnitude_mm: tuple[float, float] = (0.0, 5.0)
+    smoothness_mm: tuple[float, float] = (8.0, 20.0)
+    rotation_deg: float = Field(3.0, ge=0)
+    scaling: float = Field(0.04, ge=0, lt=1)
+    shear: float = Field(0.02, ge=0, lt=1)
+    translation_mm: float = Field(3.0, ge=0)
+    std: tuple[float, float] = (0.01, 0.08)
+    blur_mm: tuple[float, float] = (0.0, 2.0)
+    bias: tuple[float, float] = (0.0, 0.3)
+    gamma_std: float = Field(0.25, ge=0)
+    noise: tuple[float, float] = (0.0, 0.02)
+    dice: float = Field(1.0, ge=0, description="weight of 1 − soft Dice of the merged classes")
+    regulariser: float = Field(1.0, ge=0, description="weight of the gradient regulariser on label pairs")
+    regulariser_kind: Literal["l1", "l2"] = "l2"
+    validation_pairs: int = Field(4, ge=0, description="fixed synthetic pairs from the validation maps (Dice)")
+    validation_factor: int = Field(2, ge=1, description="downsampling factor of the validation pairs' synthesis")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthMorphConfig":
+        for name in ("magnitude_mm", "smoothness_mm", "std", "blur_mm", "bias", "noise"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"synthmorph.{name} must be a range 0 <= low <= high, got {(lo, hi)}")
+        if self.smoothness_mm[0] <= 0:
+            raise ValueError("synthmorph.smoothness_mm must be positive")
+        if set(self.train_maps) & set(self.validation_maps):
+            raise ValueError(f"maps {sorted(set(self.train_maps) & set(self.validation_maps))} are both training and validation maps")
+        if not self.train_maps:
+            raise ValueError("synthmorph.train_maps is empty")
+        return self
+
+
 class Normalisation(_Strict):
     """Intensity normalisation: ``none`` (as stored), ``range`` ``(I − low)/(high − low)``, ``window`` (clipped range)."""
 
@@ -116,6 +165,7 @@ class DataConfig(_Strict):
     exclude: list[str] = Field(default_factory=list, description="image ids never used for training or validation")
     real_fraction: float = Field(0.0, ge=0, le=1, description="share of samples that are real pairs (image loss only)")
     synthetic: SyntheticConfig | None = SyntheticConfig()
+    synthmorph: SynthMorphConfig | None = Field(None, description="pairs synthesised from label maps (SynthMorph-style)")
     normalisation: Normalisation = Normalisation()
     foreground_threshold: float | None = Field(
         0.0, description="normalised intensity above which a voxel is foreground (patch centres, validation EPE); None = all"
@@ -139,6 +189,9 @@ class ValidationConfig(_Strict):
     smoothness_mm: float = Field(20.0, gt=0)
     every: int = Field(50, ge=1, description="validate every this many steps (and at the end of each phase)")
     select: Literal["best", "last"] = Field("best", description="weights kept at the end of a phase")
+    at_start: bool = Field(False, description="also validate before a phase's first step (the starting point of its curve)")
+    metric: Literal["epe", "dice"] = Field(
+        "epe", description="selects the best weights: endpoint error of the semi-synthetic pairs, or Dice of the label-map pairs")
 
 
 class TrainingConfig(_Strict):
@@ -165,6 +218,11 @@ class TrainingConfig(_Strict):
                 raise ValueError(f"phase trains stage {phase.stage} but the network has {count} stages")
             if phase.loss_grid == "stage" and (self.losses.dice or self.losses.tre):
                 raise ValueError("dice and tre losses need loss_grid: full")
+        label_pairs = self.data.synthmorph.validation_pairs if self.data.synthmorph is not None else 0
+        if self.validation.metric == "dice" and not label_pairs:
+            raise ValueError("validation.metric: dice needs data.synthmorph with validation_pairs > 0")
+        if self.validation.metric == "epe" and not self.validation.pairs and label_pairs:
+            raise ValueError("validation.metric: epe needs validation.pairs > 0 (or use metric: dice)")
         return self
 
     def network(self) -> ModelConfig:
@@ -243,14 +301,49 @@ def _cpu_brain() -> TrainingConfig:
     )
 
 
+def _synth_brain() -> TrainingConfig:
+    # SynthMorph-style training of the ``cpu`` network (issue 18): 80 % of the samples are pairs synthesised from
+    # the SynthSeg label maps 1-18 at the trained stage's resolution, cropped to the training patch (soft Dice on
+    # 29 merged classes + L2 smoothness); the rest are semi-synthetic and real pairs of brains 0003-0005 (image
+    # loss + endpoint error, as cpu-brain). Brains 0001/0002 are read only by the final report. Selection: label
+    # Dice on fixed pairs of maps 19-20. Measured seconds per step and why this schedule: docs/training.md.
+    return TrainingConfig(
+        name="synth-brain",
+        model="cpu",
+        phases=[
+            PhaseConfig(stage=1, steps=SYNTH_BRAIN_STEPS[0], lr=1e-3, patch=(24, 24, 24), loss_grid="stage"),
+            PhaseConfig(stage=2, steps=SYNTH_BRAIN_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="stage"),
+            PhaseConfig(stage=2, steps=SYNTH_BRAIN_STEPS[2], lr=5e-4, patch=(32, 32, 32), loss_grid="full"),
+        ],
+        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        supervised=0.05,
+        data=DataConfig(
+            dataset="../shared/data/brain",
+            exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"],
+            real_fraction=0.25,
+            synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)),
+            synthmorph=SynthMorphConfig(),
+        ),
+        validation=ValidationConfig(pairs=2, every=SYNTH_BRAIN_VALIDATE_EVERY, magnitude_mm=8.0, smoothness_mm=20.0,
+                                    metric="dice", at_start=True),
+        checkpoint_every=25,
+        threads=2,
+    )
+
+
+#: Steps of the three ``synth-brain`` phases: 24^3 patches of the 1/4 grid; 32^3 patches of the 1/2 grid with
+#: the loss on that grid; the same patches with the loss at full resolution (trains the convex upsampler).
+SYNTH_BRAIN_STEPS = (4000, 1500, 1000)
+SYNTH_BRAIN_VALIDATE_EVERY = 100
+
 #: Steps of the two ``cpu-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
 CPU_BRAIN_STEPS = (250, 90)
 
-TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain}
+TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain}
 
 
 def training_preset(name: str) -> TrainingConfig:
-    """A training preset by name: ``oasis``, ``nlst`` or ``cpu-brain``."""
+    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain`` or ``synth-brain``."""
     if name not in TRAINING_PRESETS:
         raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
     return TRAINING_PRESETS[name]()

@@ -35,6 +35,7 @@ from rwcnet.errors import InputError
 from rwcnet.intensity import scale_intensity
 from rwcnet.io import Image, read_image, read_keypoints
 from rwcnet.synthetic import IntensitySettings, intensity_perturbation, make_pair, random_deformation
+from rwcnet.train_synthmorph import LabelPairSource
 from rwcnet.train_config import DataConfig, IntensityConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
 
 Tensor = torch.Tensor
@@ -50,7 +51,10 @@ class Sample:
     labels ``(1, 1, X, Y, Z)`` int64; keypoints ``(1, N, 3)`` voxels;
     ``spacing`` mm; ``region`` the training patch on the trained stage's
     grid (None = whole grid); ``seed`` seeds the network's dropout;
-    ``mask`` ``(1, 1, X, Y, Z)`` bool foreground of the fixed image.
+    ``mask`` ``(1, 1, X, Y, Z)`` bool foreground of the fixed image;
+    ``fixed_onehot``/``moving_onehot`` ``(1, M, X/f, Y/f, Z/f)`` soft labels
+    of merged classes on a grid ``label_factor`` (``f``) times coarser (pairs
+    synthesised from label maps, :mod:`rwcnet.train_synthmorph`).
     """
 
     key: str
@@ -65,6 +69,9 @@ class Sample:
     moving_keypoints: Tensor | None = None
     region: Box | None = None
     mask: Tensor | None = None
+    fixed_onehot: Tensor | None = None
+    moving_onehot: Tensor | None = None
+    label_factor: int = 1
 
 
 @dataclass
@@ -128,6 +135,13 @@ class TrainingData:
             raise InputError(f"{self.dataset.json_path}: real_fraction > 0 but no real training pairs among {names}")
         self.synthetic: SyntheticConfig = data.synthetic or SyntheticConfig()
         self._load = functools.lru_cache(maxsize=data.cache_images)(self._read)
+        self.label_pairs = None
+        if data.synthmorph is not None:
+            reference = available.get(data.synthmorph.reference)
+            if reference is None or data.synthmorph.reference in excluded:
+                raise InputError(f"{self.dataset.json_path}: synthmorph.reference {data.synthmorph.reference!r} is not a training image")
+            spacing = tuple(float(s) for s in read_image(reference).spacing)
+            self.label_pairs = LabelPairSource(data.synthmorph, reference, spacing)  # type: ignore[arg-type]
 
     @property
     def image_ids(self) -> list[str]:
@@ -187,6 +201,15 @@ class TrainingData:
             items["moving_keypoints"] = torch.from_numpy(moving.keypoints).float()[None]
         return items
 
+    def _crop_size(self, downsample: int, patch) -> list[int] | None:
+        """Label-map pairs are synthesised on the training patch alone (stage-grid voxels), rounded to the network's alignment."""
+        if patch is None:
+            return None
+        grid = self.label_pairs.maps.grid(downsample)
+        size = [2 * math.ceil(patch * n / 2) for n in grid] if isinstance(patch, float) else [int(p) for p in patch]
+        step = max(1, math.ceil(self.alignment / downsample))
+        return [max(step, min(k, n) // step * step) for k, n in zip(size, grid)]
+
     def _region(self, fixed: Tensor, downsample: int, patch, rng: np.random.Generator) -> Box | None:
         """A patch of the stage grid centred on a random foreground voxel (whole grid when ``patch`` is None)."""
         if patch is None:
@@ -211,6 +234,9 @@ class TrainingData:
         """Sample ``index`` of schedule phase ``phase_index`` (deterministic)."""
         rng = np.random.default_rng([self.config.seed, phase_index, index])
         seed = _seed(rng)
+        if self.label_pairs is not None and rng.random() < self.label_pairs.settings.fraction:
+            key, items = self.label_pairs.training_pair(rng, downsample, self._crop_size(downsample, phase.patch))
+            return Sample(key=key, spacing=self.label_pairs.spacing, seed=seed, **items)
         if self.data.synthetic is None or rng.random() < self.data.real_fraction:
             pair = self.pairs[int(rng.integers(len(self.pairs)))]
             items = self._real_pair(pair, rng)
@@ -238,6 +264,17 @@ class TrainingData:
             items = self._synthetic_pair(entry, rng, settings.magnitude_mm, settings.smoothness_mm, self.synthetic.intensity)
             samples.append(Sample(key=f"validation:{image_id(path)}:{index}", spacing=entry.spacing, seed=0,
                                   mask=self._foreground(items["fixed"]), **items))
+        return samples
+
+    def validation_label_samples(self) -> list[Sample]:
+        """The held-out pairs synthesised from the validation label maps (fixed seeds); none without ``synthmorph``."""
+        if self.label_pairs is None:
+            return []
+        samples = []
+        for key, items in self.label_pairs.validation_pairs(self.config.validation.seed):
+            for role in ("fixed_onehot", "moving_onehot"):
+                items[role] = items[role].half()  # kept for the whole run: half the memory (fractions to 1e-3)
+            samples.append(Sample(key=key, spacing=self.label_pairs.spacing, seed=0, **items))
         return samples
 
     def report_pairs(self) -> list[Pair]:

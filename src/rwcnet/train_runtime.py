@@ -136,6 +136,9 @@ def comparable(config: TrainingConfig) -> dict:
         data.pop(key)
     for key in ("dataset", "num_workers", "cache_images"):
         data["data"].pop(key)
+    if data["data"].get("synthmorph"):
+        for key in ("labels", "cache"):
+            data["data"]["synthmorph"].pop(key)
     return data
 
 

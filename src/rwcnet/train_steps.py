@@ -9,7 +9,8 @@ import torch
 
 from rwcnet import geometry, metrics
 from rwcnet.io import read_image, read_keypoints
-from rwcnet.losses import sequence_loss, total_loss
+from rwcnet.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
+from rwcnet.losses import gradient_regulariser, sequence_loss, total_loss
 from rwcnet.model import RWCNet
 from rwcnet.train_config import PhaseConfig, TrainingConfig
 from rwcnet.train_data import Sample, TrainingData, normalise
@@ -64,6 +65,9 @@ def sample_loss(net: torch.nn.Module, config: TrainingConfig, phase: PhaseConfig
             low = torch.tensor(origin, device=device, dtype=fixed_kp.dtype)
             inside = ((fixed_kp >= low) & (fixed_kp <= low + torch.tensor(shape, device=device) - 1)).all(-1)[0]
             extra["fixed_keypoints"], extra["moving_keypoints"] = fixed_kp[:, inside], moving_kp[:, inside]
+    if sample.fixed_onehot is not None:
+        grid_factor = factor if phase.loss_grid == "stage" else 1
+        return _label_loss(config, fields, sample, origin, grid_factor, device)
     losses = config.losses
     if losses.tre and ("fixed_keypoints" not in extra or extra["fixed_keypoints"].shape[1] == 0):
         losses = losses.model_copy(update={"tre": 0.0})
@@ -80,6 +84,55 @@ def sample_loss(net: torch.nn.Module, config: TrainingConfig, phase: PhaseConfig
         terms["epe"] = float(errors[-1].detach())
         terms["total"] = float(loss.detach())
     return loss, terms
+
+
+def _label_loss(config: TrainingConfig, fields: list[torch.Tensor], sample: Sample, origin, grid_factor: int,
+                device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a label-map pair: ``dice × (1 − soft Dice) + regulariser × smoothness`` per field (RAFT sequence over iterations).
+
+    ``fields`` cover a box at ``origin`` of a grid ``grid_factor`` times coarser
+    than full resolution; the soft labels live on a grid
+    ``sample.label_factor`` times coarser, sampled there (:mod:`rwcnet.label_dice`).
+    """
+    settings = config.data.synthmorph
+    if sample.label_factor % grid_factor:
+        raise ValueError(f"labels at 1/{sample.label_factor} cannot be compared on the 1/{grid_factor} grid")
+    ratio = sample.label_factor // grid_factor
+    fixed = fixed_onehot(sample.fixed_onehot.to(device), fields[-1].shape[2:], origin=origin, ratio=ratio)
+    moving = sample.moving_onehot.to(device)
+    losses, dice, smooth = [], None, None
+    for field in fields:
+        dice = soft_dice(warp_onehot(moving, field, origin=origin, ratio=ratio), fixed)
+        smooth = gradient_regulariser(field, settings.regulariser_kind)
+        losses.append(settings.dice * (1.0 - dice) + settings.regulariser * smooth)
+    gamma = config.losses.sequence_gamma
+    loss = losses[-1] if gamma is None or len(losses) == 1 else sequence_loss(losses, gamma)
+    return loss, {"label_dice": float(dice.detach()), "regulariser": float(smooth.detach()), "total": float(loss.detach())}
+
+
+@torch.no_grad()
+def validate_labels(model: RWCNet, samples: list[Sample], num_stages: int, device: torch.device) -> dict[str, float]:
+    """Dice of the merged classes on the label-map validation pairs (before and after), folding and SDlogJ of the fields.
+
+    The full-resolution field of the first ``num_stages`` stages is brought to
+    the labels' grid (:func:`rwcnet.geometry.resize_field`); Dice is taken on
+    the most likely class per voxel (:func:`rwcnet.label_dice.hard_dice`).
+    """
+    training = model.training
+    model.eval()
+    totals = {"dice": 0.0, "dice_before": 0.0, "folding": 0.0, "sdlogj": 0.0}
+    for sample in samples:
+        fixed, moving = sample.fixed.to(device), sample.moving.to(device)
+        field = model(fixed, moving, num_stages=num_stages).field
+        labels_fixed, labels_moving = sample.fixed_onehot.to(device).float(), sample.moving_onehot.to(device).float()
+        coarse = geometry.resize_field(field, labels_fixed.shape[2:])
+        totals["dice"] += hard_dice(warp_onehot(labels_moving, coarse), labels_fixed)[0]
+        totals["dice_before"] += hard_dice(labels_moving, labels_fixed)[0]
+        det = geometry.jacobian_determinant(field)
+        totals["folding"] += float((det <= 0).float().mean())
+        totals["sdlogj"] += float(torch.log(det.clamp(1e-9, 1e9)).std())
+    model.train(training)
+    return {f"label_{name}": value / max(len(samples), 1) for name, value in totals.items()}
 
 
 @torch.no_grad()
