@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from rwcnet import geometry
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
 from rwcnet.io import read_image
+from rwcnet.outputs import atomic_output
 from rwcnet.synthmorph import OUTER_CSF, LabelTable
 
 #: Factors cached together on first use (the stages of the ``cpu`` network), since resampling a map is the slow part.
