@@ -36,8 +36,8 @@ from rwcnet.optimize import mind_pair
 Tensor = torch.Tensor
 #: ``progress(step, total, similarity)`` after every iteration (steps counted over all levels).
 Progress = Callable[[int, int, float], None]
-#: Added to ``var_f · var_w`` in the NCC denominator: small enough that identical windows are a stationary point.
-EPS = 1e-10
+#: Windows whose fixed variance is below this fraction of the fixed image's variance are flat: they do not count.
+FLAT = 1e-3
 
 
 class RefineConfig(BaseModel):
@@ -134,17 +134,30 @@ class SeparableFilter:
         return out
 
 
-def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor | None = None, eps: float = EPS) -> Tensor:
+def flat_levels(fixed: Tensor, moving: Tensor) -> tuple[float, float]:
+    """``(flat, eps)`` of :func:`local_ncc`: ``FLAT ×`` the fixed image's variance, ``FLAT² ×`` the moving one's."""
+    return FLAT * float(fixed.var()) + 1e-30, FLAT**2 * float(moving.var()) + 1e-30
+
+
+def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor | None = None,
+              flat: float | None = None, eps: float | None = None) -> Tensor:
     """Mean over windows of the squared local correlation of two ``(1, 1, X, Y, Z)`` volumes (windows clipped to the volume).
 
-    Per voxel ``x`` over the ``(2ρ+1)³`` window: ``cov² / (var_f var_w + eps)`` (0 where
-    either is flat); ``weight`` (e.g. the fixed mask) weighs the windows. A scalar in [0, 1].
+    Per voxel ``x`` over the ``(2ρ+1)³`` window: ``cov² / (var_f (var_w + eps))`` where
+    ``var_f > flat``, else 0 (defaults: :func:`flat_levels`). Gating on the fixed image
+    alone keeps identical windows a stationary point up to ``eps / var_w`` and never
+    switches a window on or off while the moving side moves. ``weight`` (e.g. the fixed
+    mask) weighs the windows. A scalar in [0, 1].
     """
+    default_flat, default_eps = flat_levels(fixed, warped)
+    flat = default_flat if flat is None else flat
+    eps = default_eps if eps is None else eps
     box = SeparableFilter([1.0] * (radius + 1), fixed.shape[2:], 5, normalise=True, device=fixed.device, dtype=fixed.dtype)
     terms = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1)
     means = box(terms, torch.empty_like(terms))
     mf, mw, mff, mww, mfw = means.unbind(1)
-    ncc = (mfw - mf * mw) ** 2 / ((mff - mf * mf) * (mww - mw * mw) + eps)
+    var_f = mff - mf * mf
+    ncc = torch.where(var_f > flat, (mfw - mf * mw) ** 2 / (var_f.clamp_min(flat) * ((mww - mw * mw).clamp_min(0) + eps)), 0)
     if weight is None:
         return ncc.mean()
     return (ncc * weight[:, 0]).sum() / weight.sum().clamp_min(1e-12)
@@ -188,7 +201,10 @@ class _Level:
             self.stats = torch.empty(1, 4, *shape, device=device)
             self.terms = torch.empty(1, 4, *shape, device=device)
             self.mf = box_mean(self.box, fixed)
-            self.var_f = box_mean(self.box, fixed * fixed) - self.mf**2
+            flat, self.eps = flat_levels(fixed, moving)
+            var_f = box_mean(self.box, fixed * fixed) - self.mf**2
+            self.structured = (var_f > flat).float()  # windows that count (see local_ncc)
+            self.var_f = var_f.clamp_min_(flat)
             self.counts = (self.box.norms[0] * self.box.norms[1] * self.box.norms[2]).reciprocal()  # voxels per window
 
     def similarity_gradient(self, residual: Tensor) -> tuple[Tensor, float]:
@@ -214,8 +230,8 @@ class _Level:
         The derivative is of the *sum* over windows (weighted by the fixed
         mask), so its size per voxel does not depend on the volume's size.
 
-        With window means ``m`` over ``n_x`` voxels, ``D = var_f var_w + eps``, ``a = cov/D``,
-        ``b = cov² var_f/D²``: ``d ncc_x / d w(y) = 2/n_x (a_x (f(y) − m_f) − b_x (w(y) − m_w))``
+        With window means ``m`` over ``n_x`` voxels, ``a = cov/(var_f (var_w + eps))``,
+        ``b = cov²/(var_f (var_w + eps)²)`` (both 0 in flat windows): ``d ncc_x / d w(y) = 2/n_x (a_x (f(y) − m_f) − b_x (w(y) − m_w))``
         for ``y`` in window ``x``; summing over the windows that hold ``y`` is
         one more box sum.
         """
@@ -224,11 +240,10 @@ class _Level:
         means = self.box(terms[:, :3], stats[:, :3])
         mw, mww, mfw = means[:, 0:1], means[:, 1:2], means[:, 2:3]
         cov = mfw - self.mf * mw
-        var_w = mww - mw * mw
-        denominator = self.var_f * var_w + EPS
-        a = cov / denominator
+        var_w = (mww - mw * mw).clamp_min_(0).add_(self.eps)
+        a = cov / (self.var_f * var_w) * self.structured
         ncc = a * cov
-        b = ncc * self.var_f / denominator
+        b = ncc / var_w
         total = float(ncc.numel()) if self.weight is None else self.weight.sum().clamp_min(1e-12)
         value = (ncc.sum() if self.weight is None else (ncc * self.weight).sum()) / total
         scale = 2.0 / self.counts
