@@ -4,7 +4,8 @@ Steps: read the images (any supported format) -> bring the moving image onto
 the fixed grid in physical space when the grids differ -> normalise
 intensities by modality -> resample both onto the model's working grid
 (the orientation and spacing it was trained with) -> network -> instance
-optimisation on MIND features -> map the field back to the fixed grid
+optimisation on MIND features -> fine-scale refinement to full resolution
+(greedy-style, local NCC or MIND) -> map the field back to the fixed grid
 (vectors rotated and rescaled) -> warp the moving image.
 """
 
@@ -27,6 +28,7 @@ from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.model import RWCNet, load_model
 from rwcnet.optimize import instance_optimise
+from rwcnet.refine import REFINE_PRESETS, choose_metric, refine as refine_field, refine_config
 from rwcnet.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,9 @@ def register(
     device: str = "auto",
     seed: int = 0,
     method: str = "rwcnet",
+    refine: bool = True,
+    refine_metric: str = "auto",
+    refine_iterations: tuple[int, ...] | None = None,
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -170,7 +175,11 @@ def register(
     :func:`intensity_mapping`) and the instance-optimisation preset (``mr``:
     brain, ``ct``: lung; for CT without masks, lung masks are computed). Seeds torch with ``seed``.
     ``method="convexadam"`` runs the in-package ConvexAdam baseline instead
-    of the network (``io`` then toggles its Adam stage).
+    of the network (``io`` then toggles its Adam stage). ``refine`` adds the
+    fine-scale refinement of :mod:`rwcnet.refine` after the network (and IO),
+    with ``refine_metric`` ``auto`` (NCC for CT or when the intensities agree,
+    MIND across contrasts), ``ncc`` or ``mind``; ``refine_iterations`` per
+    level overrides the modality preset's.
     """
     if method not in ("rwcnet", "convexadam"):
         raise InputError(f"unknown registration method {method!r}; use rwcnet or convexadam")
@@ -179,6 +188,12 @@ def register(
     stage = on_stage or (lambda name: None)
     if modality not in IO_PRESET:
         raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
+    if refine_metric not in ("auto", "ncc", "mind"):
+        raise InputError(f"unknown refinement metric {refine_metric!r}; use auto, ncc or mind")
+    try:
+        refinement = refine_config(REFINE_PRESETS[IO_PRESET[modality]], iterations=refine_iterations)
+    except ValueError as error:
+        raise InputError(f"--refine-iters: {error}") from error
     torch.manual_seed(seed)
     dev = pick_device(device)
     seconds: dict[str, float] = {}
@@ -250,6 +265,17 @@ def register(
             fixed_mask=work_masks[0], moving_mask=work_masks[1], progress=on_step,
         )
         seconds["instance_optimisation"] = time.perf_counter() - t
+    if refine and method == "rwcnet":
+        stage("refinement")
+        t = time.perf_counter()
+        with torch.no_grad():
+            warped_now = geometry.warp(images[1], field)
+        metric, metric_note = choose_metric(refine_metric, modality, images[0], warped_now, work_masks[0], refinement.contrast_threshold)
+        del warped_now
+        notes.append(metric_note)
+        field = refine_field(images[0], images[1], field, config=refinement, metric=metric, fixed_mask=work_masks[0],
+                             moving_mask=work_masks[1], progress=on_step)
+        seconds["refinement"] = time.perf_counter() - t
     stage("output")
     with torch.no_grad():
         if not on_fixed_grid:
