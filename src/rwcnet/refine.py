@@ -49,7 +49,8 @@ class RefineConfig(BaseModel):
     iterations: tuple[int, ...] = Field((100, 50, 20), description="iterations at each level")
     ncc_radius: int = Field(2, ge=1, description="local NCC window half-width (voxels of the level)")
     sigma_update: float = Field(1.732, ge=0, description="Gaussian smoothing of each update (voxels of the level)")
-    sigma_field: float = Field(0.7071, ge=0, description="Gaussian smoothing of the residual field after each update")
+    sigma_field: float = Field(0.7071, ge=0, description="Gaussian smoothing of the field after each update")
+    smooth_total: bool = Field(False, description="smooth the whole field (initial + residual), as greedy does, not the residual alone")
     step: float = Field(1.0, gt=0, description="largest update per iteration (voxels of the level)")
     gain_ncc: float = Field(1.0, gt=0, description="NCC: update = gain × smoothed gradient of Σ ncc (voxels), capped at step")
     gain_mind: float = Field(5.0, gt=0, description="MIND: update = gain × smoothed gradient of −½ Σ SSD (voxels), capped at step")
@@ -181,6 +182,7 @@ class _Level:
         shape = tuple(fixed.shape[2:])
         device = fixed.device
         self.metric, self.weight, self.fixed = metric, weight, fixed
+        self.base, self.smooth_total = base, config.smooth_total
         with torch.no_grad():
             self.origin = identity_grid(shape, device=device) + base  # x + init(x), voxels of the level
             if metric == "ncc":  # the moving image and its gradient, sampled together
@@ -271,8 +273,13 @@ class _Level:
         if largest > 0:
             residual.add_(self.smoothed, alpha=min(gain, step / largest))
         self.largest = largest
-        self.field_filter(residual, self.smoothed)
-        residual.copy_(self.smoothed)
+        if self.smooth_total:
+            residual.add_(self.base)
+            self.field_filter(residual, self.smoothed)
+            torch.sub(self.smoothed, self.base, out=residual)
+        else:
+            self.field_filter(residual, self.smoothed)
+            residual.copy_(self.smoothed)
         return value
 
 
