@@ -42,7 +42,7 @@ OPTIONS = {
     "io": dict(model=None, refine=False),
     "convexadam": dict(method="convexadam"),
 }
-METHODS = ("greedy 100x50x20", "default", "greedy 50x25x10", "network+io", "network+refine", "io", "convexadam")
+METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "network+io", "io", "convexadam")
 
 
 def _memory_gb(key: str) -> float:

@@ -59,9 +59,12 @@ class RefineConfig(BaseModel):
     contrast_threshold: float = Field(0.3, description="auto metric: NCC when the foreground correlation reaches this")
 
 
-#: Presets by modality, like the instance-optimisation presets.
+#: Presets by modality, like the instance-optimisation presets. brain: greedy's schedule with the field
+#: smoothed a little more (σ 1 instead of 0.7071 voxels), which on the real pair 0001<-0002 after the
+#: network cut folds from 0.33 % to 0.10 % of voxels and SDlogJ from 0.087 to 0.075 for 0.013 Dice.
+#: lung: greedy's defaults as they are (not tuned yet).
 REFINE_PRESETS: dict[str, RefineConfig] = {
-    "brain": RefineConfig(),
+    "brain": RefineConfig(sigma_field=1.0),
     "lung": RefineConfig(),
 }
 
