@@ -138,8 +138,14 @@ class SeparableFilter:
         return out
 
 
-def flat_levels(fixed: Tensor, moving: Tensor) -> tuple[float, float]:
-    """``(flat, eps)`` of :func:`local_ncc`: ``FLAT ×`` the fixed image's variance, ``FLAT² ×`` the moving one's."""
+def flat_levels(fixed: Tensor, moving: Tensor, weight: Tensor | None = None) -> tuple[float, float]:
+    """``(flat, eps)`` of :func:`local_ncc`: ``FLAT ×`` the fixed image's variance, ``FLAT² ×`` the moving one's.
+
+    With ``weight`` (the fixed mask), the variances are taken where it is positive.
+    """
+    if weight is not None and bool((weight > 0).any()):
+        inside = weight > 0
+        fixed, moving = fixed[inside], moving[inside]
     return FLAT * float(fixed.var()) + 1e-30, FLAT**2 * float(moving.var()) + 1e-30
 
 
@@ -153,7 +159,7 @@ def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor 
     switches a window on or off while the moving side moves. ``weight`` (e.g. the fixed
     mask) weighs the windows. A scalar in [0, 1].
     """
-    default_flat, default_eps = flat_levels(fixed, warped)
+    default_flat, default_eps = flat_levels(fixed, warped, weight)
     flat = default_flat if flat is None else flat
     eps = default_eps if eps is None else eps
     box = SeparableFilter([1.0] * (radius + 1), fixed.shape[2:], 5, normalise=True, device=fixed.device, dtype=fixed.dtype)
@@ -206,7 +212,7 @@ class _Level:
             self.stats = torch.empty(1, 4, *shape, device=device)
             self.terms = torch.empty(1, 4, *shape, device=device)
             self.mf = box_mean(self.box, fixed)
-            flat, self.eps = flat_levels(fixed, moving)
+            flat, self.eps = flat_levels(fixed, moving, weight)
             var_f = box_mean(self.box, fixed * fixed) - self.mf**2
             self.structured = (var_f > flat).float()  # windows that count (see local_ncc)
             self.var_f = var_f.clamp_min_(flat)
