@@ -26,7 +26,7 @@ def _pair() -> tuple[Image, Image]:
     return Image(image, affine), Image(pair.moving[0, 0].numpy(), affine)
 
 
-@pytest.mark.parametrize("peer", ["ants", "elastix"])
+@pytest.mark.parametrize("peer", ["ants", "elastix", "greedy"])
 def test_peer_field_warps_like_the_peer_tool(peer):
     if peer_python(peer) is None:
         pytest.skip(f"peer {peer} not set up (see rwcnet.peers)")

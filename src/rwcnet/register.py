@@ -5,7 +5,8 @@ the fixed grid in physical space when the grids differ -> normalise
 intensities by modality -> network on its working grid (the model's
 orientation and spacing, never finer than the fixed image; the field is
 mapped back to the fixed grid, vectors rotated and rescaled) -> instance
-optimisation on MIND features on the fixed grid -> warp the original moving image
+optimisation on MIND features on the fixed grid -> fine-scale refinement to
+full resolution (greedy-style, local NCC or MIND) -> warp the original moving image
 (sampled once, through physical space when it lies on another grid).
 The model's grid applies to the network's input only: IO and the output
 stay on the fixed image's own grid, so their cost follows the data.
@@ -31,6 +32,7 @@ from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.model import RWCNet, load_model
 from rwcnet.optimize import instance_optimise
+from rwcnet.refine import REFINE_PRESETS, choose_metric, refine as refine_field, refine_config
 from rwcnet.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -231,6 +233,9 @@ def register(
     device: str = "auto",
     seed: int = 0,
     method: str = "rwcnet",
+    refine: bool = True,
+    refine_metric: str = "auto",
+    refine_iterations: tuple[int, ...] | None = None,
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -244,7 +249,11 @@ def register(
     :func:`intensity_mapping`) and the instance-optimisation preset (``mr``:
     brain, ``ct``: lung; for CT without masks, lung masks are computed). Seeds torch with ``seed``.
     ``method="convexadam"`` runs the in-package ConvexAdam baseline instead
-    of the network (``io`` then toggles its Adam stage).
+    of the network (``io`` then toggles its Adam stage). ``refine`` adds the
+    fine-scale refinement of :mod:`rwcnet.refine` after the network (and IO),
+    with ``refine_metric`` ``auto`` (NCC for CT or when the intensities agree,
+    MIND across contrasts), ``ncc`` or ``mind``; ``refine_iterations`` per
+    level overrides the modality preset's.
     """
     if method not in ("rwcnet", "convexadam"):
         raise InputError(f"unknown registration method {method!r}; use rwcnet or convexadam")
@@ -253,6 +262,12 @@ def register(
     stage = on_stage or (lambda name: None)
     if modality not in IO_PRESET:
         raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
+    if refine_metric not in ("auto", "ncc", "mind"):
+        raise InputError(f"unknown refinement metric {refine_metric!r}; use auto, ncc or mind")
+    try:
+        refinement = refine_config(REFINE_PRESETS[IO_PRESET[modality]], iterations=refine_iterations)
+    except ValueError as error:
+        raise InputError(f"--refine-iters: {error}") from error
     torch.manual_seed(seed)
     dev = pick_device(device)
     seconds: dict[str, float] = {}
@@ -314,6 +329,17 @@ def register(
             fixed_mask=fixed_masks[0], moving_mask=fixed_masks[1], progress=on_step,
         )
         seconds["instance_optimisation"] = time.perf_counter() - t
+    if refine and method == "rwcnet":
+        stage("refinement")
+        t = time.perf_counter()
+        with torch.no_grad():
+            warped_now = geometry.warp(images[1], field)
+        metric, metric_note = choose_metric(refine_metric, modality, images[0], warped_now, fixed_masks[0], refinement.contrast_threshold)
+        del warped_now
+        notes.append(metric_note)
+        field = refine_field(images[0], images[1], field, config=refinement, metric=metric, fixed_mask=fixed_masks[0],
+                             moving_mask=fixed_masks[1], progress=on_step)
+        seconds["refinement"] = time.perf_counter() - t
     del images, fixed_masks
     stage("output")
     with torch.no_grad():

@@ -69,6 +69,19 @@ def _batch(jobs, output_dir: Path, options: dict) -> None:
         raise typer.Exit(code)
 
 
+def _iterations(text: str | None) -> tuple[int, ...] | None:
+    """``"100x50x20"`` -> ``(100, 50, 20)``; ``InputError`` for anything else."""
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        counts = ()
+    if not counts or any(n < 0 for n in counts):
+        raise InputError(f"--refine-iters {text!r}: expected counts per level like 100x50x20")
+    return counts
+
+
 def register(
     fixed: Optional[Path] = typer.Option(None, "--fixed", help="Fixed image (.nii/.nii.gz/.mha/.mhd/.nrrd)."),
     moving: Optional[Path] = typer.Option(None, "--moving", help="Moving image; resampled onto the fixed grid physically if needed."),
@@ -85,6 +98,9 @@ def register(
     ),
     io: bool = typer.Option(True, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the network."),
     io_iters: Optional[int] = typer.Option(None, "--io-iters", min=0, help="Adam steps (default: the modality preset's)."),
+    refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network and IO."),
+    refine_metric: str = typer.Option("auto", "--refine-metric", help="auto (NCC for CT or same-contrast pairs, else MIND), ncc or mind."),
+    refine_iters: Optional[str] = typer.Option(None, "--refine-iters", help="Refinement iterations per level, coarse to fine, e.g. 100x50x20."),
     modality: str = typer.Option("mr", "--modality", help="mr (brain-like) or ct (lung-like): normalisation and IO preset."),
     ct_range: str = typer.Option("window", "--ct-range", help="CT normalisation: window (-1000..600 HU) or paper (-4000..16000)."),
     warped: Optional[Path] = typer.Option(None, "--warped", help="Also write the warped moving image."),
@@ -109,7 +125,8 @@ def register(
     """Register a moving image to a fixed image (or every pair of a CSV or a dataset) and write the displacement field."""
     options = dict(
         model=None if model.lower() == "none" else model, io=io, io_iterations=io_iters, modality=modality,
-        ct_range=ct_range, device=device, seed=seed,
+        ct_range=ct_range, device=device, seed=seed, refine=refine, refine_metric=refine_metric,
+        refine_iterations=_iterations(refine_iters),
     )
     if dataset is not None or pairs is not None:
         from rwcnet.batch import dataset_jobs, read_jobs_csv

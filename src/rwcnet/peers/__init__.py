@@ -1,13 +1,16 @@
-"""Classical peers — ANTs SyN and elastix B-spline — each in a virtual environment of its own, run as subprocesses.
+"""Classical peers — ANTs SyN, elastix B-spline and greedy — each in a virtual environment of its own, run as subprocesses.
 
 antspyx pins older numpy and scipy and itk-elastix is 1.6 GB, so neither is
 a dependency of rwcnet. Set them up once (from the folder you run in)::
 
     python -m venv .venvs/ants && .venvs/ants/bin/pip install antspyx
     python -m venv .venvs/elastix && .venvs/elastix/bin/pip install itk-elastix
+    python -m venv --system-site-packages .venvs/greedy && .venvs/greedy/bin/pip install picsl-greedy
 
-or point ``RWCNET_ANTS_PYTHON`` / ``RWCNET_ELASTIX_PYTHON`` at an interpreter
-that has them. Each peer writes an ITK displacement field (LPS mm on the fixed
+or point ``RWCNET_ANTS_PYTHON`` / ``RWCNET_ELASTIX_PYTHON`` / ``RWCNET_GREEDY_PYTHON``
+at an interpreter that has them. greedy's wheel needs only numpy and SimpleITK,
+so ``pip install rwcnet[greedy]`` also works: greedy then runs in rwcnet's own
+interpreter (still as a subprocess, so its time and memory are its own). Each peer writes an ITK displacement field (LPS mm on the fixed
 grid), which :func:`rwcnet.io.read_itk_field` turns into our Learn2Reg field.
 """
 
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import importlib.util
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from rwcnet.io import Image, read_image, read_itk_field, same_grid, write_image
 PEERS = {
     "ants": ("ants_syn.py", "RWCNET_ANTS_PYTHON", "antspyx"),
     "elastix": ("elastix_bspline.py", "RWCNET_ELASTIX_PYTHON", "itk-elastix"),
+    "greedy": ("greedy_ncc.py", "RWCNET_GREEDY_PYTHON", "picsl-greedy"),
 }
 
 
@@ -45,11 +51,18 @@ def peer_python(name: str) -> Path | None:
     """The interpreter of peer ``name``'s environment, or None when it is not set up."""
     script, variable, _ = PEERS[name]
     candidate = Path(os.environ.get(variable, Path(".venvs") / name / "bin" / "python"))
-    return candidate.absolute() if candidate.is_file() else None  # absolute, not resolved: a venv python is a symlink
+    if candidate.is_file():
+        return candidate.absolute()  # absolute, not resolved: a venv python is a symlink
+    if name == "greedy" and importlib.util.find_spec("picsl_greedy") is not None:  # the rwcnet[greedy] extra
+        return Path(sys.executable)
+    return None
 
 
-def run_peer(name: str, fixed: Image, moving: Image, threads: int = 2) -> PeerResult:
-    """Register ``moving`` to ``fixed`` (same grid) with peer ``name`` (``ants`` or ``elastix``)."""
+def run_peer(name: str, fixed: Image, moving: Image, threads: int = 2, arguments: tuple[str, ...] = ()) -> PeerResult:
+    """Register ``moving`` to ``fixed`` (same grid) with peer ``name`` (``ants``, ``elastix`` or ``greedy``).
+
+    ``arguments`` go to the peer's script after the threads (greedy: the iterations per level, e.g. ``"50x25x10"``).
+    """
     if name not in PEERS:
         raise InputError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
     script, variable, package = PEERS[name]
@@ -64,7 +77,7 @@ def run_peer(name: str, fixed: Image, moving: Image, threads: int = 2) -> PeerRe
         write_image(paths["fixed"], fixed.array.astype(np.float32), fixed)
         write_image(paths["moving"], moving.array.astype(np.float32), fixed)
         command = [str(python), str(Path(__file__).with_name(script)), *(str(paths[k]) for k in ("fixed", "moving", "field", "warped")),
-                   str(threads)]
+                   str(threads), *arguments]
         process = subprocess.run(command, capture_output=True, text=True, cwd=tmp)  # peers drop files in their cwd
         if process.returncode != 0:
             raise RuntimeError(f"peer {name} failed:\n{process.stderr[-3000:]}")

@@ -1,0 +1,356 @@
+"""Fine-scale refinement: greedy-style gradient descent on local NCC (or MIND) down to full resolution.
+
+Runs after the network (and/or instance optimisation) on the working grid. The
+field it returns is ``init + r``: the initial field plus a residual ``r`` that
+is optimised coarse to fine (``levels``: downsampling factors, e.g. 4, 2, 1).
+At every level each iteration
+
+1. samples the moving image (and its gradient) at ``x + init(x) + r(x)``;
+2. computes the gradient of the similarity with respect to the displacement:
+   for local NCC (``(2ρ+1)³`` windows, the squared correlation per window,
+   averaged over windows inside the fixed mask) exactly, from box sums; for
+   MIND-SSC the negative gradient of the feature SSD;
+3. smooths it with a Gaussian (``sigma_update``, voxels of the level), scales
+   it so that its largest vector is ``step`` voxels, adds it to ``r``;
+4. smooths ``r`` with a Gaussian (``sigma_field``).
+
+This is the scheme of greedy (Yushkevich et al.) with its default smoothing
+(1.732 and 0.7071 voxels), step (1 voxel) and NCC window (5³). Filters are
+separable sums of shifted views into preallocated buffers (no convolution
+kernels, no temporaries per pass); borders are renormalised, i.e. a window
+is clipped to the volume. Fields are pull-back displacements in voxels of the
+working grid, ``(1, 3, X, Y, Z)``; images ``(1, 1, X, Y, Z)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
+from rwcnet.optimize import mind_pair
+
+Tensor = torch.Tensor
+#: ``progress(step, total, similarity)`` after every iteration (steps counted over all levels).
+Progress = Callable[[int, int, float], None]
+#: Windows whose fixed variance is below this fraction of the fixed image's variance are flat: they do not count.
+FLAT = 1e-3
+
+
+class RefineConfig(BaseModel):
+    """Parameters of the fine-scale refinement."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    levels: tuple[int, ...] = Field((4, 2, 1), description="downsampling factor of each level, coarse to fine")
+    iterations: tuple[int, ...] = Field((100, 50, 20), description="iterations at each level")
+    ncc_radius: int = Field(2, ge=1, description="local NCC window half-width (voxels of the level)")
+    sigma_update: float = Field(1.732, ge=0, description="Gaussian smoothing of each update (voxels of the level)")
+    sigma_field: float = Field(0.7071, ge=0, description="Gaussian smoothing of the field after each update")
+    smooth_total: bool = Field(False, description="smooth the whole field (initial + residual), as greedy does, not the residual alone")
+    step: float = Field(1.0, gt=0, description="largest update per iteration (voxels of the level)")
+    gain_ncc: float = Field(1.0, gt=0, description="NCC: update = gain × smoothed gradient of Σ ncc (voxels), capped at step")
+    gain_mind: float = Field(5.0, gt=0, description="MIND: update = gain × smoothed gradient of −½ Σ SSD (voxels), capped at step")
+    mind_radius: int = Field(1, ge=0, description="MIND-SSC patch radius")
+    mind_dilation: int = Field(2, ge=1, description="MIND-SSC neighbour distance")
+    contrast_threshold: float = Field(0.3, description="auto metric: NCC when the foreground correlation reaches this")
+
+
+#: Presets by modality, like the instance-optimisation presets. brain: greedy's schedule with the field
+#: smoothed a little more (σ 1 instead of 0.7071 voxels), which on the real pair 0001<-0002 after the
+#: network cut folds from 0.33 % to 0.10 % of voxels and SDlogJ from 0.087 to 0.075 for 0.013 Dice.
+#: lung: greedy's defaults as they are (not tuned yet).
+REFINE_PRESETS: dict[str, RefineConfig] = {
+    "brain": RefineConfig(sigma_field=1.0),
+    "lung": RefineConfig(),
+}
+
+
+def refine_config(preset: str | RefineConfig = "brain", **overrides) -> RefineConfig:
+    """The :class:`RefineConfig` of a preset name (or a given config) with the non-``None`` ``overrides`` applied."""
+    if isinstance(preset, RefineConfig):
+        base = preset
+    elif preset in REFINE_PRESETS:
+        base = REFINE_PRESETS[preset]
+    else:
+        raise ValueError(f"unknown refinement preset {preset!r}; use one of {sorted(REFINE_PRESETS)}")
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    config = RefineConfig(**{**base.model_dump(), **changes}) if changes else base
+    if len(config.levels) != len(config.iterations):
+        raise ValueError(f"refinement: {len(config.levels)} levels but {len(config.iterations)} iteration counts")
+    return config
+
+
+def gaussian_weights(sigma: float) -> list[float]:
+    """Half of a sampled Gaussian kernel (centre first), radius ``ceil(3σ)``; ``[1]`` for σ = 0. Unnormalised."""
+    if sigma <= 0:
+        return [1.0]
+    return [math.exp(-0.5 * (k / sigma) ** 2) for k in range(int(math.ceil(3 * sigma)) + 1)]
+
+
+class SeparableFilter:
+    """A symmetric 1-D kernel applied along the three axes of ``(1, C, X, Y, Z)`` volumes of one shape.
+
+    ``weights`` is the half kernel ``w_0 .. w_r``. With ``normalise`` each
+    output is divided by the kernel weight that fell inside the volume (a
+    window clipped to the volume: the mean, for a box); otherwise the sums
+    are zero-padded. Two scratch volumes are allocated once.
+    """
+
+    def __init__(self, weights: Sequence[float], shape: Sequence[int], channels: int, *, normalise: bool, device=None,
+                 dtype=torch.float32):
+        self.weights = [float(w) for w in weights]
+        self.scratch = torch.empty((1, channels, *shape), device=device, dtype=dtype)
+        self.norms = []
+        for axis, n in enumerate(shape):
+            ones = torch.ones(n, device=device, dtype=dtype)
+            total = ones * self.weights[0]
+            for k, w in enumerate(self.weights[1:], 1):
+                if k < n:
+                    total[k:] += w
+                    total[: n - k] += w
+            view = [1, 1, 1, 1, 1]
+            view[axis + 2] = n
+            self.norms.append(total.reciprocal().view(view) if normalise else None)
+
+    def _pass(self, source: Tensor, target: Tensor, dim: int) -> None:
+        n = source.shape[dim]
+        torch.mul(source, self.weights[0], out=target)
+        for k, w in enumerate(self.weights[1:], 1):
+            if k >= n:
+                break
+            target.narrow(dim, k, n - k).add_(source.narrow(dim, 0, n - k), alpha=w)
+            target.narrow(dim, 0, n - k).add_(source.narrow(dim, k, n - k), alpha=w)
+        if self.norms[dim - 2] is not None:
+            target.mul_(self.norms[dim - 2])
+
+    def __call__(self, source: Tensor, out: Tensor) -> Tensor:
+        """Filter ``source`` into ``out`` (same shape as the filter's, ``out`` not ``source``); returns ``out``."""
+        if len(self.weights) == 1:
+            return out.copy_(source)
+        scratch = self.scratch[:, : source.shape[1]]
+        self._pass(source, out, 2)
+        self._pass(out, scratch, 3)
+        self._pass(scratch, out, 4)
+        return out
+
+
+def flat_levels(fixed: Tensor, moving: Tensor, weight: Tensor | None = None) -> tuple[float, float]:
+    """``(flat, eps)`` of :func:`local_ncc`: ``FLAT ×`` the fixed image's variance, ``FLAT² ×`` the moving one's.
+
+    With ``weight`` (the fixed mask), the variances are taken where it is positive.
+    """
+    if weight is not None and bool((weight > 0).any()):
+        inside = weight > 0
+        fixed, moving = fixed[inside], moving[inside]
+    return FLAT * float(fixed.var()) + 1e-30, FLAT**2 * float(moving.var()) + 1e-30
+
+
+def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor | None = None,
+              flat: float | None = None, eps: float | None = None) -> Tensor:
+    """Mean over windows of the squared local correlation of two ``(1, 1, X, Y, Z)`` volumes (windows clipped to the volume).
+
+    Per voxel ``x`` over the ``(2ρ+1)³`` window: ``cov² / (var_f (var_w + eps))`` where
+    ``var_f > flat``, else 0 (defaults: :func:`flat_levels`). Gating on the fixed image
+    alone keeps identical windows a stationary point up to ``eps / var_w`` and never
+    switches a window on or off while the moving side moves. ``weight`` (e.g. the fixed
+    mask) weighs the windows. A scalar in [0, 1].
+    """
+    default_flat, default_eps = flat_levels(fixed, warped, weight)
+    flat = default_flat if flat is None else flat
+    eps = default_eps if eps is None else eps
+    box = SeparableFilter([1.0] * (radius + 1), fixed.shape[2:], 5, normalise=True, device=fixed.device, dtype=fixed.dtype)
+    terms = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1)
+    means = box(terms, torch.empty_like(terms))
+    mf, mw, mff, mww, mfw = means.unbind(1)
+    var_f = mff - mf * mf
+    ncc = torch.where(var_f > flat, (mfw - mf * mw) ** 2 / (var_f.clamp_min(flat) * ((mww - mw * mw).clamp_min(0) + eps)), 0)
+    if weight is None:
+        return ncc.mean()
+    return (ncc * weight[:, 0]).sum() / weight.sum().clamp_min(1e-12)
+
+
+def foreground_correlation(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> float:
+    """Pearson correlation of two volumes over the fixed mask, or where the fixed image is above its mean."""
+    inside = (mask > 0) if mask is not None else fixed > fixed.mean()
+    a, b = fixed[inside].double(), warped[inside].double()
+    if a.numel() < 2:
+        return 1.0
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / ((a * a).sum().sqrt() * (b * b).sum().sqrt()).clamp_min(1e-12))
+
+
+class _Level:
+    """Buffers and constant terms of one resolution level."""
+
+    def __init__(self, fixed: Tensor, moving: Tensor, base: Tensor, weight: Tensor | None, moving_mask: Tensor | None,
+                 metric: str, config: RefineConfig):
+        shape = tuple(fixed.shape[2:])
+        device = fixed.device
+        self.metric, self.weight, self.fixed = metric, weight, fixed
+        self.base, self.smooth_total = base, config.smooth_total
+        with torch.no_grad():
+            self.origin = identity_grid(shape, device=device) + base  # x + init(x), voxels of the level
+            if metric == "ncc":  # the moving image and its gradient, sampled together
+                stack = [moving, *torch.gradient(moving, dim=(2, 3, 4))]
+            else:
+                stack = [moving]
+            if moving_mask is not None:
+                stack.append(moving_mask)
+            self.moving = torch.cat(stack, 1)
+        self.has_moving_mask = moving_mask is not None
+        self.coords = torch.empty(1, 3, *shape, device=device)
+        self.force = torch.empty(1, 3, *shape, device=device)
+        self.smoothed = torch.empty(1, 3, *shape, device=device)
+        self.update_filter = SeparableFilter(gaussian_weights(config.sigma_update), shape, 3, normalise=True, device=device)
+        self.field_filter = SeparableFilter(gaussian_weights(config.sigma_field), shape, 3, normalise=True, device=device)
+        if metric == "ncc":
+            self.box = SeparableFilter([1.0] * (config.ncc_radius + 1), shape, 4, normalise=True, device=device)
+            self.stats = torch.empty(1, 4, *shape, device=device)
+            self.terms = torch.empty(1, 4, *shape, device=device)
+            self.mf = box_mean(self.box, fixed)
+            flat, self.eps = flat_levels(fixed, moving, weight)
+            var_f = box_mean(self.box, fixed * fixed) - self.mf**2
+            self.structured = (var_f > flat).float()  # windows that count (see local_ncc)
+            self.var_f = var_f.clamp_min_(flat)
+            self.counts = (self.box.norms[0] * self.box.norms[1] * self.box.norms[2]).reciprocal()  # voxels per window
+
+    def similarity_gradient(self, residual: Tensor) -> tuple[Tensor, float]:
+        """The gradient of the similarity with respect to the displacement (into ``self.force``) and the similarity."""
+        torch.add(self.origin, residual, out=self.coords)
+        sampled = sample(self.moving, self.coords)
+        if self.metric == "ncc":
+            value = self._ncc_gradient(sampled[:, :1], sampled[:, 1:4])
+        else:
+            value = self._mind_gradient(sampled[:, :-1] if self.has_moving_mask else sampled)
+        if self.has_moving_mask:
+            self.force.mul_(sampled[:, -1:])
+        return self.force, value
+
+    def _ncc_gradient(self, warped: Tensor, warped_gradient: Tensor) -> float:
+        derivative, value = self.ncc_derivative(warped)
+        torch.mul(warped_gradient, derivative, out=self.force)
+        return value
+
+    def ncc_derivative(self, warped: Tensor) -> tuple[Tensor, float]:
+        """``d Σ_x ncc_x / d warped`` ``(1, 1, X, Y, Z)`` (exact, windows clipped as in :func:`local_ncc`) and ``local_ncc``.
+
+        The derivative is of the *sum* over windows (weighted by the fixed
+        mask), so its size per voxel does not depend on the volume's size.
+
+        With window means ``m`` over ``n_x`` voxels, ``a = cov/(var_f (var_w + eps))``,
+        ``b = cov²/(var_f (var_w + eps)²)`` (both 0 in flat windows): ``d ncc_x / d w(y) = 2/n_x (a_x (f(y) − m_f) − b_x (w(y) − m_w))``
+        for ``y`` in window ``x``; summing over the windows that hold ``y`` is
+        one more box sum.
+        """
+        f, stats, terms = self.fixed, self.stats, self.terms
+        torch.cat([warped, warped * warped, f * warped], 1, out=terms[:, :3])
+        means = self.box(terms[:, :3], stats[:, :3])
+        mw, mww, mfw = means[:, 0:1], means[:, 1:2], means[:, 2:3]
+        cov = mfw - self.mf * mw
+        var_w = (mww - mw * mw).clamp_min_(0).add_(self.eps)
+        a = cov / (self.var_f * var_w) * self.structured
+        ncc = a * cov
+        b = ncc / var_w
+        total = float(ncc.numel()) if self.weight is None else self.weight.sum().clamp_min(1e-12)
+        value = (ncc.sum() if self.weight is None else (ncc * self.weight).sum()) / total
+        scale = 2.0 / self.counts
+        if self.weight is not None:
+            scale = scale * self.weight
+        a, b = a * scale, b * scale
+        torch.cat([a, a * self.mf, b, b * mw], 1, out=terms)
+        sums = self.box(terms, stats)  # window means; times n_y below gives the window sums
+        derivative = (f * sums[:, 0:1] - sums[:, 1:2] - warped * sums[:, 2:3] + sums[:, 3:4]) * self.counts
+        return derivative, float(value)
+
+    def _mind_gradient(self, warped: Tensor) -> float:
+        residual = self.fixed - warped
+        if self.weight is not None:
+            residual = residual * self.weight
+        for axis, derivative in enumerate(torch.gradient(warped, dim=(2, 3, 4))):
+            torch.sum(residual * derivative, dim=1, keepdim=True, out=self.force[:, axis : axis + 1])
+        return -float(residual.pow(2).mean())
+
+    def step(self, residual: Tensor, step: float, gain: float) -> float:
+        """One greedy iteration on ``residual`` (in place); returns the similarity before it."""
+        force, value = self.similarity_gradient(residual)
+        self.update_filter(force, self.smoothed)
+        largest = float(self.smoothed.square().sum(1).max().sqrt())
+        if largest > 0:
+            residual.add_(self.smoothed, alpha=min(gain, step / largest))
+        self.largest = largest
+        if self.smooth_total:
+            residual.add_(self.base)
+            self.field_filter(residual, self.smoothed)
+            torch.sub(self.smoothed, self.base, out=residual)
+        else:
+            self.field_filter(residual, self.smoothed)
+            residual.copy_(self.smoothed)
+        return value
+
+
+def box_mean(box: SeparableFilter, volume: Tensor) -> Tensor:
+    """The window means of a ``(1, 1, X, Y, Z)`` volume under a normalised box filter."""
+    return box(volume, torch.empty_like(volume))
+
+
+def choose_metric(requested: str, modality: str, fixed: Tensor, warped: Tensor, mask: Tensor | None,
+                  threshold: float) -> tuple[str, str]:
+    """``ncc`` or ``mind`` for ``requested`` (``auto``, ``ncc``, ``mind``); returns it and a note saying why."""
+    if requested in ("ncc", "mind"):
+        return requested, f"refinement metric {requested} (as requested)"
+    if requested != "auto":
+        raise ValueError(f"unknown refinement metric {requested!r}; use auto, ncc or mind")
+    if modality == "ct":
+        return "ncc", "refinement metric ncc (CT pairs share one contrast)"
+    correlation = foreground_correlation(fixed, warped, mask)
+    metric = "ncc" if correlation >= threshold else "mind"
+    return metric, f"refinement metric {metric} (foreground intensity correlation {correlation:.2f}, threshold {threshold:g})"
+
+
+@torch.no_grad()
+def refine(
+    fixed: Tensor,
+    moving: Tensor,
+    init_field: Tensor | None = None,
+    *,
+    config: RefineConfig | str = "brain",
+    metric: Literal["ncc", "mind"] = "ncc",
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Refine ``init_field`` (or zero) for ``fixed``/``moving`` ``(1, 1, X, Y, Z)`` on one grid; returns ``(1, 3, X, Y, Z)`` voxels.
+
+    Masks (same shape, nonzero inside): the similarity counts only windows
+    centred inside the fixed mask, and only points that land inside the
+    moving mask pull on the field.
+    """
+    config = refine_config(config)
+    shape = tuple(fixed.shape[2:])
+    device = fixed.device
+    init = torch.zeros(1, 3, *shape, device=device) if init_field is None else init_field.to(device, torch.float32)
+    features = mind_pair(fixed, moving, radius=config.mind_radius, dilation=config.mind_dilation, fixed_mask=fixed_mask,
+                         moving_mask=moving_mask) if metric == "mind" else (fixed.float(), moving.float())
+    total, done = sum(config.iterations), 0
+    residual = None
+    for factor, iterations in zip(config.levels, config.iterations):
+        level_shape = tuple(max(1, round(n / factor)) for n in shape)
+        residual = torch.zeros(1, 3, *level_shape, device=device) if residual is None else resize_field(residual, level_shape)
+        weight = None if fixed_mask is None else resize_volume((fixed_mask > 0).float(), level_shape)
+        moving_weight = None if moving_mask is None else resize_volume((moving_mask > 0).float(), level_shape)
+        level = _Level(resize_volume(features[0], level_shape), resize_volume(features[1], level_shape),
+                       resize_field(init, level_shape), weight, moving_weight, metric, config)
+        for _ in range(iterations):
+            value = level.step(residual, config.step, config.gain_ncc if metric == "ncc" else config.gain_mind)
+
+            done += 1
+            if progress is not None:
+                progress(done, total, value)
+        del level
+    if residual is None:
+        return init
+    return init + resize_field(residual, shape)
