@@ -53,14 +53,15 @@ def test_inverse_flags_points_whose_preimage_is_outside_the_grid():
 
 
 def test_inverse_flags_a_folded_region():
-    coords = geometry.identity_grid(SHAPE, dtype=torch.float64)
-    centre = torch.tensor(SHAPE, dtype=torch.float64).view(1, 3, 1, 1, 1) / 2
+    shape = (24, 24, 24)
+    coords = geometry.identity_grid(shape, dtype=torch.float64)
+    centre = torch.tensor(shape, dtype=torch.float64).view(1, 3, 1, 1, 1) / 2
     bump = torch.exp(-((coords - centre) ** 2).sum(dim=1, keepdim=True) / (2 * 4.0**2))
     field = torch.zeros_like(coords)
     field[:, 0:1] = 12.0 * bump  # slope up to 12 * 0.6 / 4 > 1 along axis 0: the transform folds
     assert float(geometry.jacobian_determinant(field).min()) < 0
-    inverse = geometry.invert_field(field)
-    assert inverse.undefined_fraction > 0.0005
+    inverse = geometry.invert_field(field, iterations=30)
+    assert inverse.iterations == 30 and inverse.undefined_fraction > 0.001
     assert float(inverse.residual[~inverse.undefined].max()) < 0.5
 
 
