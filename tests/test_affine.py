@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 
 from rwcnet import geometry
-from rwcnet.affine import (affine_field, matrix_about, point_errors, read_itk_transform, register_affine,
-                           resample_moving, rotation_matrix, write_itk_transform)
+from rwcnet.affine import (affine_field, initial_transform, matrix_about, point_errors, read_itk_transform,
+                           register_affine, resample_moving, rotation_matrix, write_itk_transform)
 from rwcnet.affine.transforms import foreground_points
 from rwcnet.errors import InputError
 from rwcnet.io import Image, _to_sitk, resample_image
@@ -157,3 +157,15 @@ def test_the_simpleitk_engine_recovers_the_same_transform(template):
     assert point_errors(result.matrix, truth, points).mean() < 1.0
     with pytest.raises(InputError, match="MIND"):
         register_affine(template, template, metric="mind", engine="sitk")
+
+
+def test_the_moments_start_follows_a_turn_too_large_for_the_centre_of_mass_start(template):
+    points = foreground_points(template, 0.1)
+    truth = matrix_about(rotation_matrix([1, 2, -1], 70.0), points.mean(0), [5.0, -5.0, 5.0])
+    moving = _moved(template, truth, pad=12)
+    com = initial_transform(template, moving, "com")
+    moments = initial_transform(template, moving, "moments")
+    assert point_errors(com, truth, points).mean() > 40.0
+    assert point_errors(moments, truth, points).mean() < 2.0  # a rigidly moved copy has the same principal axes
+    result = register_affine(template, moving, transform="rigid", init="moments")
+    assert point_errors(result.matrix, truth, points).mean() < 1.0

@@ -237,7 +237,7 @@ def optimise_affine(fixed: Image, moving: Image, initial: np.ndarray, *, stages:
     if metric not in METRICS:
         raise ValueError(f"unknown affine metric {metric!r}; use one of {', '.join(METRICS)}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few thousand points per step: threads only add synchronisation (10x slower on a busy host)
+    torch.set_num_threads(1)  # a few thousand points a step: threads only add synchronisation (10x slower when busy)
     try:
         return _optimise(fixed, moving, initial, stages, metric, fixed_mask, moving_mask, points, seed)
     finally:
@@ -251,7 +251,8 @@ def _optimise(fixed: Image, moving: Image, initial: np.ndarray, stages: list[tup
     matrix, records, cache = np.asarray(initial, np.float64), [], {}
     for kind, level_mm, steps in stages:
         if level_mm not in cache:
-            cache[level_mm] = (_level(fixed, fixed_mask, level_mm, metric), _level(moving, moving_mask, level_mm, metric))
+            cache[level_mm] = (_level(fixed, fixed_mask, level_mm, metric),
+                               _level(moving, moving_mask, level_mm, metric))
         fixed_level, moving_level = cache[level_mm]
         resliced = _resliced(moving_level, fixed_level, matrix, metric)
         table = resliced.table

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from rwcnet.errors import InputError, atomic_output
-from rwcnet.io import Image, resample_image
+from rwcnet.io import Image, _sitk_message, resample_image
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
 TRANSFORM_SUFFIXES = (".txt", ".tfm", ".mat")
@@ -131,8 +131,8 @@ def read_itk_transform(path: str | Path) -> np.ndarray:
     try:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise InputError(f"{path}: not a readable ITK transform ({lines[-1] if lines else 'unknown format'})") from error
+        reason = _sitk_message(error)
+        raise InputError(f"{path}: not a readable ITK transform ({reason})") from error
     itk = linear_matrix(transform)
     if itk is None:
         raise InputError(f"{path}: {transform.GetName()} is not a linear transform; an affine is needed here")
