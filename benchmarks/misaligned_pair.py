@@ -67,35 +67,31 @@ def main() -> None:
     print(f"load average: {Path('/proc/loadavg').read_text().strip()}; {args.threads} threads; moving turned "
           f"{args.degrees} deg about {AXIS} and shifted {args.shift} mm along {SHIFT_DIRECTION}")
 
-    rows = []
+    print(f"\n{'run':<28}{'Dice':>8}{'seconds':>10}", flush=True)
+
+    def row(name: str, value: float, seconds: float, note: str = "") -> None:
+        print(f"{name:<28}{value:>8.3f}{seconds:>10.1f}  {note}", flush=True)
+
+    identity = np.zeros(fixed.shape + (3,), np.float32)
+    row("misaligned, nothing", dice(identity, fixed, turned_labels, fixed_labels, labels), 0.0)
     start = time.perf_counter()
     aligned = register(fixed, moving, model=args.model)
-    rows.append(("aligned", dice(aligned.field, fixed, moving_labels, fixed_labels, labels),
-                 time.perf_counter() - start, ""))
+    row("aligned", dice(aligned.field, fixed, moving_labels, fixed_labels, labels), time.perf_counter() - start)
     start = time.perf_counter()
     plain = register(fixed, turned, model=args.model)
-    rows.append(("misaligned, no affine", dice(plain.field, fixed, turned_labels, fixed_labels, labels),
-                 time.perf_counter() - start, ""))
+    row("misaligned, no affine", dice(plain.field, fixed, turned_labels, fixed_labels, labels),
+        time.perf_counter() - start)
     start = time.perf_counter()
     affine = register_affine(fixed, turned)
     affine_seconds = time.perf_counter() - start
+    row("misaligned, affine only", dice(affine_field(affine.matrix, fixed), fixed, turned_labels, fixed_labels, labels),
+        affine_seconds)
     deformable = register(fixed, resample_moving(turned, affine.matrix, fixed), model=args.model)
     to_moving = np.linalg.inv(fixed.affine) @ affine.matrix @ fixed.affine  # fixed voxel -> fixed voxel
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in fixed.shape], indexing="ij"), -1)
-    reached = grid + deformable.field
-    total = (reached @ to_moving[:3, :3].T + to_moving[:3, 3] - grid).astype(np.float32)
-    seconds = time.perf_counter() - start
-    rows.append(("misaligned, affine first", dice(total, fixed, turned_labels, fixed_labels, labels), seconds,
-                 f"affine {affine_seconds:.1f} s"))
-    affine_only = affine_field(affine.matrix, fixed)
-    rows.append(("misaligned, affine only", dice(affine_only, fixed, turned_labels, fixed_labels, labels),
-                 affine_seconds, ""))
-    identity = np.zeros(fixed.shape + (3,), np.float32)
-    rows.append(("misaligned, nothing", dice(identity, fixed, turned_labels, fixed_labels, labels), 0.0, ""))
-    print(f"\n{'run':<28}{'Dice':>8}{'seconds':>10}")
-    for name, value, seconds, note in rows:
-        print(f"{name:<28}{value:>8.3f}{seconds:>10.1f}  {note}")
-
+    total = ((grid + deformable.field) @ to_moving[:3, :3].T + to_moving[:3, 3] - grid).astype(np.float32)
+    row("misaligned, affine first", dice(total, fixed, turned_labels, fixed_labels, labels),
+        time.perf_counter() - start, f"affine {affine_seconds:.1f} s")
 
 if __name__ == "__main__":
     main()
