@@ -19,6 +19,8 @@ Everything works batched, for any size, in float32 or float64, on CPU or CUDA.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -263,3 +265,92 @@ def moving_voxel_field(field: Tensor, fixed_affine: Tensor, moving_affine: Tenso
     grid = identity_grid(field.shape[2:], device=field.device, dtype=field.dtype)
     mapped = torch.einsum("ij,bjxyz->bixyz", to_moving[:3, :3], grid + field) + to_moving[:3, 3].view(1, 3, 1, 1, 1)
     return mapped - grid
+
+
+@dataclass
+class FieldInverse:
+    """The inverse of a pull-back field found by :func:`invert_field`, and where it is not defined.
+
+    ``field`` ``(B, 3, *shape)``: ``v`` on the target grid, so that ``y + v(y)`` is the source-grid point ``x``
+    with ``x + u(x) = y``. ``residual`` ``(B, *shape)``: ``|x + u(x) - y|`` for that ``x``, in target voxels.
+    ``undefined`` ``(B, *shape)`` bool: no preimage found, either the iteration did not converge there
+    (residual above ``undefined_residual``: folded or strongly compressed regions) or ``x`` lies outside
+    the source grid (the point is not reached from it). ``iterations`` is how many updates were made.
+    """
+
+    field: Tensor
+    residual: Tensor
+    undefined: Tensor
+    iterations: int
+
+    @property
+    def max_residual(self) -> float:
+        """Largest residual over the points where the inverse is defined (voxels); 0 when none is."""
+        defined = self.residual[~self.undefined]
+        return float(defined.max()) if defined.numel() else 0.0
+
+    @property
+    def undefined_fraction(self) -> float:
+        """Share of target-grid points where the inverse is undefined."""
+        return float(self.undefined.float().mean())
+
+
+def invert_field(
+    field: Tensor,
+    *,
+    shape: Sequence[int] | None = None,
+    iterations: int = 100,
+    tol: float = 1e-3,
+    undefined_residual: float = 0.5,
+) -> FieldInverse:
+    """Inverse of a pull-back field ``u`` ``(B, 3, X, Y, Z)`` by fixed-point iteration ``v(y) = -u(y + v(y))``.
+
+    ``u`` maps source voxel ``x`` to target voxel ``x + u(x)``; the target grid has ``shape`` (the source
+    grid's shape by default, the usual Learn2Reg case). The result ``v`` lies on the target grid and
+    ``y + v(y)`` is in source voxels: then ``compose(v, u) ≈ 0`` where defined, ``warp(warp(m, u), v) ≈ m``.
+    Iteration stops when the largest residual over the converging points is below ``tol`` voxels. It
+    converges where ``u`` is a contraction locally (``|Du| < 1``); points where it does not, or whose
+    preimage lies outside the source grid, are flagged in :attr:`FieldInverse.undefined`.
+    """
+    source_shape = tuple(field.shape[2:])
+    target_shape = source_shape if shape is None else tuple(int(n) for n in shape)
+    grid = identity_grid(target_shape, device=field.device, dtype=field.dtype)
+    if target_shape == source_shape:
+        inverse = -field
+    else:
+        inverse = torch.zeros(field.shape[0], 3, *target_shape, device=field.device, dtype=field.dtype)
+    step = 0
+    for step in range(iterations + 1):
+        residual = inverse + sample(field, grid + inverse)
+        distance = residual.norm(dim=1)
+        converging = distance < undefined_residual
+        worst = float(distance[converging].max()) if bool(converging.any()) else math.inf
+        if worst < tol or step == iterations:
+            break
+        inverse = inverse - residual
+    upper = torch.tensor(source_shape, device=field.device, dtype=field.dtype).view(1, 3, *(1,) * len(source_shape)) - 1
+    reach = grid + inverse
+    outside = ((reach < -0.5) | (reach > upper + 0.5)).any(dim=1)
+    return FieldInverse(inverse, distance, outside | (distance >= undefined_residual), step)
+
+
+def invert_field_on_moving_grid(
+    field: Tensor, fixed_affine: Tensor, moving_affine: Tensor, moving_shape: Sequence[int], **options
+) -> FieldInverse:
+    """Inverse of a Learn2Reg field as a Learn2Reg field on the moving grid, in moving voxels.
+
+    ``field`` ``(B, 3, X, Y, Z)`` is in fixed voxels on the fixed grid (``A_fix``, 4x4 voxel -> RAS mm): fixed voxel
+    ``x`` takes the moving image at physical point ``A_fix (x + u(x))``. The result ``v`` ``(B, 3, *moving_shape)``
+    takes the fixed image at fixed voxel ``A_fix^-1 A_mov (y + v(y))`` for moving voxel ``y`` (on one grid: the
+    plain inverse). Residuals are in moving voxels; ``options`` go to :func:`invert_field`.
+    """
+    fixed_affine = fixed_affine.to(torch.float64)
+    moving_affine = moving_affine.to(torch.float64)
+    to_moving = moving_voxel_field(field, fixed_affine, moving_affine)  # x -> moving voxel x + w(x)
+    found = invert_field(to_moving, shape=moving_shape, **options)  # y + r(y) = fixed voxel
+    grid = identity_grid(moving_shape, device=field.device, dtype=field.dtype)
+    to_moving_voxels = (torch.linalg.inv(moving_affine) @ fixed_affine).to(device=field.device, dtype=field.dtype)
+    fixed_points = grid + found.field
+    mapped = torch.einsum("ij,bjxyz->bixyz", to_moving_voxels[:3, :3], fixed_points)
+    mapped = mapped + to_moving_voxels[:3, 3].view(1, 3, 1, 1, 1)
+    return FieldInverse(mapped - grid, found.residual, found.undefined, found.iterations)

@@ -41,8 +41,10 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from rwcnet.geometry import jacobian_determinant
 from rwcnet.surface_distance import robust_hausdorff
 
 JACOBIAN_CROP = 2
@@ -182,6 +184,32 @@ def sdlogj(det: np.ndarray, mask: np.ndarray | None = None) -> float:
 def folding_fraction(det: np.ndarray) -> float:
     """Fraction of voxels of the cropped grid with ``det <= 0`` (no ``+3``)."""
     return float(np.count_nonzero(det <= 0) / det.size)
+
+
+def jacobian_statistics(field: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Jacobian determinant of the whole transform ``x + u(x)`` on the full grid, and its statistics.
+
+    ``field`` ``(X, Y, Z, 3)`` is in fixed voxels (affine part included), so the determinant is the local
+    volume ratio of the physical map whatever the spacing. Returns the determinant ``(X, Y, Z)`` float32
+    from central differences (one-sided at the border, not cropped:
+    :func:`rwcnet.geometry.jacobian_determinant`) and ``sdlogj`` (the official score, cropped, ``+3``,
+    inside ``mask`` when given), ``std_log_det`` (std of ``log det`` over ``det > 0``, no ``+3``),
+    ``folded_fraction`` (share of ``det <= 0``), ``min`` and ``max``; all but ``sdlogj`` over the full grid,
+    or inside ``mask`` when given.
+    """
+    field = _as_field(field)
+    tensor = torch.from_numpy(np.ascontiguousarray(np.moveaxis(field, -1, 0)))[None]
+    det = jacobian_determinant(tensor)[0].numpy()
+    values = det if mask is None else det[np.asarray(mask) > 0]
+    positive = values[values > 0]
+    statistics = {
+        "sdlogj": sdlogj(jacobian_det(field), mask),
+        "std_log_det": float(np.log(positive).std()) if positive.size else float("nan"),
+        "folded_fraction": float(np.count_nonzero(values <= 0) / max(values.size, 1)),
+        "min": float(values.min()) if values.size else float("nan"),
+        "max": float(values.max()) if values.size else float("nan"),
+    }
+    return det.astype(np.float32), statistics
 
 
 def tre(field: np.ndarray, fixed_kp: np.ndarray, moving_kp: np.ndarray, spacing: Sequence[float]) -> np.ndarray:

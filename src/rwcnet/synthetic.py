@@ -241,26 +241,6 @@ def intensity_perturbation(image: Tensor, *, bias_strength: float = 0.1, gamma_r
     return unit * (hi - lo) + lo
 
 
-def invert_field(field: Tensor, iterations: int = 100, tol: float = 1e-3) -> tuple[Tensor, float]:
-    """Inverse of a pull-back field ``(B, 3, X, Y, Z)`` (voxels) by fixed-point iteration ``v = -u∘(id + v)``.
-
-    Returns ``(v, residual)``, ``residual`` = max over voxels of
-    ``|v + u∘(id + v)|`` in voxels for the returned ``v`` (iteration stops
-    below ``tol``). Then ``warp(warp(m, u), v) ≈ m`` and ``compose(v, u) ≈ 0``;
-    the other side, ``compose(u, v) ≈ 0``, holds up to interpolation error
-    away from the border (where ``v`` saw ``u``'s border extension).
-    """
-    inverse = -field
-    residual_max = math.inf
-    for step in range(iterations + 1):
-        residual = inverse + geometry.warp(field, inverse)
-        residual_max = float(residual.norm(dim=1).max())
-        if residual_max < tol or step == iterations:
-            break
-        inverse = inverse - residual
-    return inverse, residual_max
-
-
 @dataclass(frozen=True)
 class IntensitySettings:
     """Parameters of :func:`intensity_perturbation`."""
@@ -322,7 +302,7 @@ def make_pair(image, *, labels=None, mask=None, keypoints=None, n_keypoints: int
     * ``warped_role="fixed"``: fixed = image∘(id + phi), moving = image;
       then ``moving(x + phi(x)) = fixed(x)`` exactly.
     * ``warped_role="moving"``: fixed = image, moving = image∘(id + v) with
-      ``v`` the inverse of ``phi`` (:func:`invert_field`, residual reported);
+      ``v`` the inverse of ``phi`` (:func:`rwcnet.geometry.invert_field`, residual reported);
       then ``moving(x + phi(x)) ≈ fixed(x)``.
 
     Labels and masks go through the same warp (labels by ``label_method``,
@@ -347,7 +327,8 @@ def make_pair(image, *, labels=None, mask=None, keypoints=None, n_keypoints: int
     if warped_role == "fixed":
         warp_field = field
     elif warped_role == "moving":
-        warp_field, residual = invert_field(field)
+        inverse = geometry.invert_field(field)
+        warp_field, residual = inverse.field, float(inverse.residual.max())
     else:
         raise ValueError(f"warped_role must be 'fixed' or 'moving', not {warped_role!r}")
 
