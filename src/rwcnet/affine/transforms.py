@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from rwcnet.errors import InputError, atomic_output
+from rwcnet.errors import InputError
 from rwcnet.io import Image, _sitk_message, resample_image
+from rwcnet.outputs import atomic_output
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
 TRANSFORM_SUFFIXES = (".txt", ".tfm", ".mat")
