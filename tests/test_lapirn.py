@@ -101,7 +101,7 @@ def test_model_file_round_trip_gives_identical_outputs(tmp_path, one_thread):
         torch.nn.init.normal_(level.head.weight, std=0.05)
     save_model(tmp_path / "lapirn.pt", net, {"note": "test"})
     loaded, metadata = load_model(tmp_path / "lapirn.pt")
-    assert isinstance(loaded, LapIRN) and loaded.config == TINY and metadata == {"note": "test"}
+    assert isinstance(loaded, LapIRN) and loaded.config == TINY and metadata == {"note": "test", "modality": "mr"}  # a file without a modality reads as mr
     fixed, moving = torch.rand(1, 1, 17, 16, 15), torch.rand(1, 1, 17, 16, 15)
     with torch.no_grad():
         expected, got = net.eval()(fixed, moving).field, loaded(fixed, moving).field
