@@ -68,6 +68,11 @@ def test_register_output_in_a_log_has_plain_lines_with_real_counts(tmp_path):
     assert "\x1b" not in result.stderr and "None" not in result.stderr
     assert "instance optimisation: 12/12 steps, " in "\n".join(lines)
     assert any(re.fullmatch(r"instance optimisation: done \(12/12 steps, \d+\.\d s\)", line) for line in lines)
+    totals: dict[str, set[int]] = {}
     for line in lines:
-        match = re.search(r"(\d+)/(\d+) steps", line)
-        assert match is None or (0 < int(match[1]) <= int(match[2]) == 12), line
+        match = re.match(r"(.+?): (?:done \()?(\d+)/(\d+) steps", line)
+        if match:
+            assert 0 < int(match[2]) <= int(match[3]), line
+            totals.setdefault(match[1], set()).add(int(match[3]))
+    assert totals["instance optimisation"] == {12}
+    assert set(totals) == {"instance optimisation", "refinement"} and len(totals["refinement"]) == 1
