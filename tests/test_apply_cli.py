@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from rwcnet.cli import main
+from cli_runner import run
 from rwcnet.commands.apply import move_keypoints, warp_image, warp_label_map
 from rwcnet.io import read_keypoints
 
@@ -18,15 +17,6 @@ SHAPE = (20, 18, 16)
 SPACING = (1.5, 1.0, 2.0)
 FIXED_AFFINE = np.diag(list(SPACING) + [1.0])
 MOVING_AFFINE = np.array([[0.0, 0.0, 2.0, -10.0], [-1.5, 0.0, 0.0, 5.0], [0.0, 1.0, 0.0, 7.0], [0, 0, 0, 1.0]])
-
-
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """Run the ``rwcnet`` entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rwcnet", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def save(path: Path, array: np.ndarray, affine: np.ndarray = MOVING_AFFINE) -> Path:

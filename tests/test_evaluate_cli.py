@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from cli_runner import run
 from l2r_fixture import SHAPE, SHIFT, SPACING, save_field, write_paired, write_unpaired
-from rwcnet.cli import main
 from rwcnet.label_names import dataset_label_names, name_labels
-
-
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """Run the ``rwcnet`` entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rwcnet", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def constant(vector, shape=SHAPE) -> np.ndarray:

@@ -8,7 +8,6 @@ invariants (the same physical labels stored on two grids score the same).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,8 +17,9 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
+from cli_runner import run
 from l2r_fixture import SHAPE as L2R_SHAPE, save_field, write_unpaired
-from rwcnet.cli import app, main
+from rwcnet.cli import app
 
 FIXED_SHAPE = (24, 22, 20)
 MOVING_SHAPE = (28, 20, 26)
@@ -36,15 +36,6 @@ def rotated_affine(rotvec, spacing, origin) -> np.ndarray:
 
 FIXED_AFFINE = rotated_affine((0.1, -0.2, 0.15), (1.2, 1.0, 1.5), (-12.0, -10.0, -14.0))
 MOVING_AFFINE = rotated_affine((-0.25, 0.1, 0.3), (1.0, 1.3, 1.1), (-15.0, -12.0, -13.0))
-
-
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """Run the ``rwcnet`` entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rwcnet", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def ras_points(shape, affine) -> np.ndarray:
