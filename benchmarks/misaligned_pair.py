@@ -30,7 +30,7 @@ import torch
 
 from rwcnet import metrics
 from rwcnet.affine import affine_field, matrix_about, register_affine, resample_moving, rotation_matrix
-from rwcnet.grids import Grid, sampling_field
+from rwcnet.geometry.grids import Grid, sampling_field
 from rwcnet.io import Image, read_image
 from rwcnet.register import register
 

@@ -11,7 +11,7 @@ from rwcnet import geometry
 from rwcnet.cli import app
 from rwcnet.io import Image, read_field, write_image
 from rwcnet.model import ModelConfig, RWCNet, StageConfig, save_model
-from rwcnet.grids import working_grid
+from rwcnet.geometry.grids import working_grid
 from rwcnet.register import register
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ import typer
 
 from rwcnet.errors import InputError
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
-from rwcnet.grids import Grid, check_field_fits, field_header_grid, sampling_field
+from rwcnet.geometry.grids import Grid, check_field_fits, field_header_grid, sampling_field
 from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
 from rwcnet.outputs import atomic_output, check_outputs, written_together
 

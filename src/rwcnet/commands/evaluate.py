@@ -41,7 +41,7 @@ import typer
 from rwcnet.commands.score_tables import print_case_table, print_label_table
 from rwcnet.datasets import Learn2RegDataset, Pair, find_field, image_id
 from rwcnet.errors import InputError
-from rwcnet.grids import PHYSICAL, VOXEL, Grid, check_field_fits, common_grid, field_header_grid, grid_difference, \
+from rwcnet.geometry.grids import PHYSICAL, VOXEL, Grid, check_field_fits, common_grid, field_header_grid, grid_difference, \
     image_grid, sampling_field
 from rwcnet.io import Image, read_field, read_image, read_keypoints
 from rwcnet.label_names import dataset_label_names, name_labels

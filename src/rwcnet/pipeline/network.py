@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rwcnet import geometry
-from rwcnet.grids import working_grid, orientation_matrix
+from rwcnet.geometry.grids import working_grid, orientation_matrix
 from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.io import Image, resample_image
 from rwcnet.model import RWCNet, load_model

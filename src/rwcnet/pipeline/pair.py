@@ -19,7 +19,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.grids import Grid, grid_difference
+from rwcnet.geometry.grids import Grid, grid_difference
 from rwcnet.io import Image, read_image, resample_image, same_grid
 from rwcnet.pipeline.instrument import Instrumentation
 
