@@ -13,7 +13,8 @@ from rwcnet.affine import (affine_field, initial_transform, matrix_about, point_
                            register_affine, resample_moving, rotation_matrix, write_itk_transform)
 from rwcnet.affine.transforms import foreground_points
 from rwcnet.errors import InputError
-from rwcnet.io import Image, _to_sitk, resample_image
+from rwcnet.geometry.resample import resample_image
+from rwcnet.io import Image, _to_sitk
 
 nilearn_datasets = pytest.importorskip("nilearn.datasets")
 

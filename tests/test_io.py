@@ -15,14 +15,13 @@ from scipy.spatial.transform import Rotation
 
 from rwcnet.errors import InputError
 from rwcnet.geometry import warp
+from rwcnet.geometry.resample import resample_image, same_grid
 from rwcnet.io import (
     Image,
     read_field,
     read_image,
     read_itk_field,
     read_keypoints,
-    resample_image,
-    same_grid,
     write_field,
     write_image,
     write_itk_field,

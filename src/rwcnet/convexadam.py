@@ -32,7 +32,6 @@ to float precision (see ``tests/test_convexadam.py``).
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable, Literal
 
@@ -41,16 +40,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet.geometry import resize_field, warp
+from rwcnet.geometry.layout import crop, integer_shifts, pad_to_multiple
 from rwcnet.mind import box_filter
 from rwcnet.optimize import (
     IO_PRESETS,
     IOConfig,
     Progress,
-    crop,
     extent_weight,
     mind_pair,
     optimise_on_grid,
-    pad_to_multiple,
     pool_features,
     prepare_inputs,
 )
@@ -104,8 +102,7 @@ def convexadam_config(preset: Literal["brain", "lung"] | ConvexAdamConfig = "bra
 
 def shift_table(radius: int, *, device=None) -> Tensor:
     """All integer shifts in ``[−r, r]³`` as ``(S, 3)`` float32 (array order), ``S = (2r+1)³``, last axis fastest."""
-    values = range(-radius, radius + 1)
-    return torch.tensor(list(itertools.product(values, values, values)), dtype=torch.float32, device=device)
+    return torch.tensor(integer_shifts(radius), dtype=torch.float32, device=device)
 
 
 @torch.no_grad()

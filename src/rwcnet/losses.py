@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rwcnet.geometry import sample_field, warp
+from rwcnet.geometry import forward_difference_means, sample_field, warp
 from rwcnet.mind import mind_ssc
 
 Tensor = torch.Tensor
@@ -236,13 +236,7 @@ def gradient_regulariser(field: Tensor, kind: Literal["l1", "l2"] = "l1") -> Ten
     Units: voxels per voxel (``l1``) or its square. A field ``u(x) = G x + t``
     gives ``Σ|G| / 9`` (``l1``) or ``Σ G² / 9`` (``l2``); a constant field gives 0.
     """
-    if kind not in ("l1", "l2"):
-        raise ValueError(f"unknown regulariser kind {kind!r}; use 'l1' or 'l2'")
-    terms = []
-    for dim in (2, 3, 4):
-        difference = field.diff(dim=dim)
-        terms.append(difference.abs().mean() if kind == "l1" else difference.pow(2).mean())
-    return sum(terms) / 3.0
+    return sum(forward_difference_means(field, kind)) / 3.0
 
 
 def sequence_weights(iterations: int, gamma: float = 0.8) -> list[float]:

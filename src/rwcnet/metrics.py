@@ -41,10 +41,11 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from rwcnet.geometry import jacobian_determinant
+from rwcnet.geometry.layout import field_tensor
+from rwcnet.geometry.official import field_at_points_cubic, warp_labels_official
 from rwcnet.surface_distance import robust_hausdorff
 
 JACOBIAN_CROP = 2
@@ -78,11 +79,7 @@ def warp_labels_nearest(moving_labels: np.ndarray, field: np.ndarray, mode: str 
     official scorer warps them (0 for any point outside ``[0, n - 1]``);
     ``"grid-constant"`` keeps the border label up to half a voxel outside.
     """
-    field = _as_field(field)
-    axes = [np.arange(n, dtype=np.float64) for n in field.shape[:3]]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0) + np.moveaxis(field, -1, 0)
-    warped = ndimage.map_coordinates(np.asarray(moving_labels, dtype=np.float64), coords, order=0, mode=mode)
-    return warped.astype(np.asarray(moving_labels).dtype)
+    return warp_labels_official(moving_labels, _as_field(field), mode)
 
 
 def _presence(labels_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -198,8 +195,7 @@ def jacobian_statistics(field: np.ndarray, mask: np.ndarray | None = None) -> tu
     or inside ``mask`` when given.
     """
     field = _as_field(field)
-    tensor = torch.from_numpy(np.ascontiguousarray(np.moveaxis(field, -1, 0)))[None]
-    det = jacobian_determinant(tensor)[0].numpy()
+    det = jacobian_determinant(field_tensor(field))[0].numpy()
     values = det if mask is None else det[np.asarray(mask) > 0]
     positive = values[values > 0]
     statistics = {
@@ -224,9 +220,7 @@ def tre(field: np.ndarray, fixed_kp: np.ndarray, moving_kp: np.ndarray, spacing:
     moving_kp = np.atleast_2d(np.asarray(moving_kp, dtype=np.float64))
     if fixed_kp.shape != moving_kp.shape or fixed_kp.shape[-1] != 3:
         raise ValueError(f"keypoints must be two (N, 3) arrays of equal N, not {fixed_kp.shape} and {moving_kp.shape}")
-    displacement = np.stack(
-        [ndimage.map_coordinates(field[..., c], fixed_kp.T, order=3, mode="constant") for c in range(3)], axis=1
-    )
+    displacement = field_at_points_cubic(field, fixed_kp)
     return np.linalg.norm((fixed_kp + displacement - moving_kp) * np.asarray(spacing, dtype=np.float64), axis=1)
 
 

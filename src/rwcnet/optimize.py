@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
+from rwcnet.geometry import forward_difference_means, identity_grid, resize_field, resize_volume, sample
+from rwcnet.geometry.layout import crop, pad_to_multiple
 from rwcnet.mind import fill_outside_mask, mind_ssc
 
 Tensor = torch.Tensor
@@ -85,18 +86,6 @@ def as_volume(array: Tensor | np.ndarray, name: str, *, device=None) -> Tensor:
     return tensor.to(device=device if device is not None else tensor.device, dtype=torch.float32)
 
 
-def pad_to_multiple(volume: Tensor, multiple: int, *, mode: str = "replicate") -> Tensor:
-    """Pad ``(B, C, X, Y, Z)`` at the high end of each axis to a multiple of ``multiple`` voxels."""
-    pad = []
-    for n in reversed(volume.shape[2:]):
-        pad += [0, (-n) % multiple]
-    if not any(pad):
-        return volume
-    if mode == "zeros":
-        return torch.nn.functional.pad(volume, pad)
-    return torch.nn.functional.pad(volume, pad, mode=mode)
-
-
 def _triple_box_matrix(n: int, *, device, dtype) -> Tensor:
     """``B³`` for the ``n × n`` matrix ``B`` of one zero-padded 3-box mean along an axis (symmetric, 7 diagonals)."""
     index = torch.arange(n, device=device)
@@ -120,7 +109,7 @@ def smooth_field(field: Tensor) -> Tensor:
 
 def diffusion_loss(field: Tensor) -> Tensor:
     """Σ over the three axes of the mean squared forward difference of ``field`` ``(B, 3, X, Y, Z)``."""
-    return sum(field.diff(dim=dim).pow(2).mean() for dim in (2, 3, 4))
+    return sum(forward_difference_means(field, "l2"))
 
 
 @torch.no_grad()
@@ -238,12 +227,6 @@ def instance_optimise(
     init = None if init_field is None else pad_to_multiple(init_field, spacing)
     field = optimise_on_grid(fixed_coarse, moving_coarse, init, config, weight=weight, progress=progress)
     return crop(field, shape)
-
-
-def crop(volume: Tensor, shape: Sequence[int]) -> Tensor:
-    """The first ``shape`` voxels of each axis of ``(B, C, X, Y, Z)`` (undoes :func:`pad_to_multiple`)."""
-    x, y, z = shape
-    return volume[:, :, :x, :y, :z].contiguous()
 
 
 def extent_weight(shape: Sequence[int], mask: Tensor | None, device, *, multiple: int, spacing: int) -> Tensor | None:

@@ -21,6 +21,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
+from rwcnet.geometry.layout import field_array
 from rwcnet.io import Image
 from rwcnet.pipeline import Instrumentation, Settings, StageCallback, StepCallback, build_chain
 from rwcnet.pipeline.method import chain_intensities, chain_names
@@ -103,7 +104,7 @@ def register(
     warped = warp_original(pair, field)
     record.seconds["total"] = time.perf_counter() - start
     field = torch.zeros(1, 3, *pair.shape) if field is None else field
-    return RegistrationResult(field[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32), warped, pair.fixed,
+    return RegistrationResult(field_array(field).astype(np.float32), warped, pair.fixed,
                               pair.moving, record.seconds, record.notes, record.warnings, record.peak_gb)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import field_array
 from rwcnet.masks import sample_keypoints
 
 Tensor = torch.Tensor
@@ -276,7 +277,7 @@ class SyntheticPair:
 
     def field_l2r(self) -> np.ndarray:
         """The field in the Learn2Reg layout ``(X, Y, Z, 3)`` float32 (voxels, fixed grid)."""
-        return self.field[0].permute(1, 2, 3, 0).detach().cpu().numpy().astype(np.float32)
+        return field_array(self.field).astype(np.float32)
 
 
 def _as_volume(array, *, dtype=None, device=None) -> Tensor:

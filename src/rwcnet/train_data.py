@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
 from rwcnet.intensity import scale_intensity
@@ -89,16 +90,6 @@ def normalise(array: np.ndarray, normalisation: Normalisation) -> np.ndarray:
     return scale_intensity(array, normalisation.low, normalisation.high, clip=normalisation.kind == "window")
 
 
-def _pad(volume: Tensor, alignment: int, mode: str) -> Tensor:
-    pad = [(-n) % alignment for n in volume.shape[2:]]
-    if not any(pad):
-        return volume
-    padding = [p for n in reversed(pad) for p in (0, n)]
-    if mode == "replicate":
-        return F.pad(volume, padding, mode="replicate")
-    return F.pad(volume, padding, value=0)
-
-
 def _seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**31 - 1))
 
@@ -154,11 +145,11 @@ class TrainingData:
         labels = None
         if label_path is not None:
             labels = torch.from_numpy(np.rint(np.asarray(read_image(label_path).array)).astype(np.int64))[None, None]
-            labels = _pad(labels, self.alignment, "zeros")
+            labels = pad_to_multiple(labels, self.alignment, mode="zeros")
         keypoint_path = self.dataset.keypoints_path(path)
         keypoints = read_keypoints(keypoint_path) if keypoint_path is not None else None
         spacing = tuple(float(s) for s in image.spacing)
-        return _Entry(_pad(volume, self.alignment, "replicate"), labels, keypoints, spacing)  # type: ignore[arg-type]
+        return _Entry(pad_to_multiple(volume, self.alignment), labels, keypoints, spacing)  # type: ignore[arg-type]
 
     def _foreground(self, fixed: Tensor) -> Tensor | None:
         if self.data.foreground_threshold is None:

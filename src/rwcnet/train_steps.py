@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from rwcnet import geometry, metrics
+from rwcnet.geometry.layout import field_array
 from rwcnet.io import read_image, read_keypoints
 from rwcnet.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
 from rwcnet.losses import gradient_regulariser, sequence_loss, total_loss
@@ -165,7 +166,7 @@ def report(model: RWCNet, data: TrainingData, device: torch.device) -> dict[str,
         fixed_image, moving_image = read_image(pair.fixed), read_image(pair.moving)
         tensors = [torch.from_numpy(normalise(i.array, data.data.normalisation))[None, None].to(device)
                    for i in (fixed_image, moving_image)]
-        field = model(*tensors).field[0].permute(1, 2, 3, 0).cpu().numpy()
+        field = field_array(model(*tensors).field)
         inputs: dict[str, Any] = {"labels": labels, "spacing": fixed_image.spacing}
         label_paths = [data.dataset.label_path(p) for p in (pair.fixed, pair.moving)]
         if None not in label_paths:

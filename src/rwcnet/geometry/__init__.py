@@ -8,6 +8,6 @@
 
 from rwcnet.geometry.fields import (  # noqa: F401  (the field algebra, used as rwcnet.geometry.NAME)
     identity_grid, sample, warp, warp_labels, sample_field, transform_points, invert_points, compose,
-    resize_field, resize_volume, spatial_gradient, jacobian_determinant, integrate_velocity, resample_field,
+    resize_field, resize_volume, spatial_gradient, forward_difference_means, jacobian_determinant, integrate_velocity, resample_field,
     moving_voxel_field, FieldInverse, invert_field, invert_field_on_moving_grid, _grid_sample, _normalise,
 )

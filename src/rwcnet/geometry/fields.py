@@ -204,6 +204,20 @@ def spatial_gradient(field: Tensor) -> Tensor:
     return torch.stack(grads, dim=2)
 
 
+def forward_difference_means(field: Tensor, kind: str = "l2") -> list[Tensor]:
+    """Per axis, the mean ``|forward difference|`` (``l1``) or its square (``l2``) of ``(B, C, X, Y, Z)``: three scalars.
+
+    The smoothness terms of the training regulariser and of instance optimisation's diffusion term.
+    """
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"unknown regulariser kind {kind!r}; use 'l1' or 'l2'")
+    terms = []
+    for dim in (2, 3, 4):
+        difference = field.diff(dim=dim)
+        terms.append(difference.abs().mean() if kind == "l1" else difference.pow(2).mean())
+    return terms
+
+
 def jacobian_determinant(field: Tensor) -> Tensor:
     """Determinant of the Jacobian of ``x + u(x)`` for a field ``(B, 3, X, Y, Z)`` in voxels; ``(B, X, Y, Z)``.
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from rwcnet.errors import InputError
-from rwcnet.geometry import moving_voxel_field
+from rwcnet.geometry.fields import moving_voxel_field
+from rwcnet.geometry.layout import field_array, field_tensor
 from rwcnet.io import NIFTI_SUFFIXES, Image, read_image
 
 GRID_TOLERANCE_MM = 1e-3
@@ -129,11 +130,10 @@ def sampling_field(field: np.ndarray, grid: Grid | None, moving: Image, what: st
     difference = grid_difference(moving, grid)
     if difference is None:
         return field, None
-    tensor = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(field, np.float64), 3, 0)))[None]
-    moved = moving_voxel_field(tensor, torch.from_numpy(grid.affine), torch.from_numpy(moving.affine))
+    moved = moving_voxel_field(field_tensor(field, torch.float64), torch.from_numpy(grid.affine), torch.from_numpy(moving.affine))
     note = (f"{name} ({what}) is not on the fixed grid of {grid.source} ({difference}): sampled through {PHYSICAL} "
             "at A_mov^-1 A_fix (x + u(x))")
-    return moved[0].permute(1, 2, 3, 0).numpy(), note
+    return field_array(moved), note
 
 
 def orientation_matrix(orientation: str) -> np.ndarray:

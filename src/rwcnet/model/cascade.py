@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.stage import RecurrentStage
 from rwcnet.model.tiling import Box, Tile, plan_tiles, run_tiled
@@ -108,8 +109,7 @@ class RWCNet(StagewiseModel):
         shape = fixed.shape[2:]
         align = self.config.alignment
         pad = [(-n) % align for n in shape]
-        padding = [p for n in reversed(pad) for p in (0, n)]
-        fixed_p, moving_p = (F.pad(x, padding, mode="replicate") if any(pad) else x for x in (fixed, moving))
+        fixed_p, moving_p = (pad_to_multiple(x, align) for x in (fixed, moving))
         full = fixed_p.shape[2:]
         count = len(self.stages) if num_stages is None else num_stages
         results: list[StageResult] = []

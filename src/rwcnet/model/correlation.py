@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from rwcnet.geometry.layout import integer_shifts
+
 Tensor = torch.Tensor
 
 KINDS = ("dot", "sad")
@@ -58,8 +60,7 @@ _BOX_CHANNELS = 7
 
 def shift_offsets(radius: int) -> list[tuple[int, int, int]]:
     """The ``(2r+1)^3`` shifts ``(d0, d1, d2)`` in output-channel order (d0 outermost)."""
-    span = range(-radius, radius + 1)
-    return [(d0, d1, d2) for d0 in span for d1 in span for d2 in span]
+    return integer_shifts(radius)
 
 
 def soft_argmax(cost: Tensor, radius: int, kind: str, temperature: Tensor | float = 1.0) -> Tensor:

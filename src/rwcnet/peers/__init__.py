@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from rwcnet.errors import InputError
-from rwcnet.io import Image, read_image, read_itk_field, same_grid, write_image
+from rwcnet.geometry.resample import same_grid
+from rwcnet.io import Image, read_image, read_itk_field, write_image
 
 PEERS = {
     "ants": ("ants_syn.py", "RWCNET_ANTS_PYTHON", "antspyx"),

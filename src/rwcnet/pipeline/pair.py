@@ -20,7 +20,8 @@ import torch
 from rwcnet import geometry
 from rwcnet.errors import InputError
 from rwcnet.geometry.grids import Grid, grid_difference
-from rwcnet.io import Image, read_image, resample_image, same_grid
+from rwcnet.geometry.resample import resample_image, same_grid
+from rwcnet.io import Image, read_image
 from rwcnet.pipeline.instrument import Instrumentation
 
 Tensor = torch.Tensor
