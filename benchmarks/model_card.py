@@ -39,9 +39,9 @@ def _zero_fields(dataset: Path, out: Path) -> None:
     """Zero displacement fields for the dataset's validation pairs, with their Learn2Reg names."""
     import numpy as np
 
-    from rwcnet.datasets import Learn2RegDataset
-    from rwcnet.datasets import field_names
-    from rwcnet.io import read_image, write_field
+    from rwcnet.data.datasets import Learn2RegDataset
+    from rwcnet.data.datasets import field_names
+    from rwcnet.data.formats import read_image, write_field
 
     for pair in Learn2RegDataset(dataset).pairs("val"):
         fixed = read_image(pair.fixed)

@@ -14,7 +14,7 @@ from rwcnet.affine import (affine_field, initial_transform, matrix_about, point_
 from rwcnet.affine.transforms import foreground_points
 from rwcnet.errors import InputError
 from rwcnet.geometry.resample import resample_image
-from rwcnet.io import Image, _to_sitk
+from rwcnet.data.formats import Image, _to_sitk
 
 nilearn_datasets = pytest.importorskip("nilearn.datasets")
 

@@ -11,7 +11,7 @@ import scipy.ndimage
 
 from cli_runner import run
 from rwcnet.commands.apply import move_keypoints, warp_image, warp_label_map
-from rwcnet.io import read_keypoints
+from rwcnet.data.formats import read_keypoints
 
 SHAPE = (20, 18, 16)
 SPACING = (1.5, 1.0, 2.0)

@@ -15,7 +15,7 @@ import pytest
 
 from l2r_fixture import write_paired
 from rwcnet.batch import image_stem, read_jobs_csv
-from rwcnet.datasets import field_names
+from rwcnet.data.datasets import field_names
 
 SHAPE = (24, 24, 24)
 FAST = ["--model", "none", "--io-iters", "2", "--device", "cpu"]

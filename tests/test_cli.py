@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from rwcnet.io import Image, write_image
+from rwcnet.data.formats import Image, write_image
 from rwcnet.progress import StageProgress
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import uniform_filter
 
-from rwcnet.convexadam import (
+from rwcnet.baselines.convexadam import (
     CONVEXADAM_PRESETS,
     convex_adam,
     convexadam_config,

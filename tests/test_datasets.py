@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2r_fixture import SHAPE, SHIFT, SPACING, write_paired, write_unpaired
-from rwcnet.datasets import Learn2RegDataset, Pair, PairDataset, field_names, find_field, image_id, read_pairs_csv
+from rwcnet.data.datasets import Learn2RegDataset, Pair, PairDataset, field_names, find_field, image_id, read_pairs_csv
 from rwcnet.errors import InputError
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from cli_runner import run
 from l2r_fixture import SHAPE, SHIFT, SPACING, save_field, write_paired, write_unpaired
-from rwcnet.label_names import dataset_label_names, name_labels
+from rwcnet.evaluation.label_names import dataset_label_names, name_labels
 
 
 def constant(vector, shape=SHAPE) -> np.ndarray:

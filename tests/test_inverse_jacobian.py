@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rwcnet import geometry, metrics
+from rwcnet import geometry
+
+from rwcnet.evaluation import metrics
 from rwcnet.synthetic import random_deformation
 
 SHAPE = (40, 36, 32)

@@ -1,4 +1,4 @@
-"""Tests of rwcnet.io against nibabel, SimpleITK and hand-made geometry."""
+"""Tests of rwcnet.data.formats against nibabel, SimpleITK and hand-made geometry."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 from rwcnet.errors import InputError
 from rwcnet.geometry import warp
 from rwcnet.geometry.resample import resample_image, same_grid
-from rwcnet.io import (
+from rwcnet.data.formats import (
     Image,
     read_field,
     read_image,

@@ -135,8 +135,8 @@ def test_tiny_lapirn_overfits_one_pair_at_full_resolution(one_thread):
 def test_training_loop_writes_a_loadable_lapirn(tmp_path, one_thread):
     from test_train import tiny_config, write_dataset
 
-    from rwcnet.train import train
-    from rwcnet.train_config import TrainingConfig
+    from rwcnet.training.loop import train
+    from rwcnet.training.config import TrainingConfig
 
     dataset = write_dataset(tmp_path / "toy")
     phases = [{"stage": 1, "steps": 1, "loss_grid": "stage"},

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rwcnet import metrics
+from rwcnet.evaluation import metrics
 
 SHAPE = (32, 30, 28)
 

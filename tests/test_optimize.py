@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwcnet.geometry import identity_grid, warp
-from rwcnet.optimize import IO_PRESETS, IOConfig, diffusion_loss, instance_optimise, io_config, smooth_field
+from rwcnet.instance_optimisation import IO_PRESETS, IOConfig, diffusion_loss, instance_optimise, io_config, smooth_field
 
 N = 48
 INNER = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))

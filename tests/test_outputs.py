@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rwcnet.cli import main
-from rwcnet.io import Image, write_field, write_image
+from rwcnet.data.formats import Image, write_field, write_image
 
 SHAPE = (24, 24, 24)
 
@@ -107,12 +107,12 @@ def test_evaluate_output_is_checked_before_scoring(pair, monkeypatch, capsys, ou
 
 def test_demo_train_and_plot_log_check_their_outputs_first(pair, monkeypatch, capsys):
     import rwcnet.commands.demo as demo_command
-    import rwcnet.train
-    import rwcnet.train_log
+    import rwcnet.training.loop
+    import rwcnet.training.log
 
     monkeypatch.setattr(demo_command, "load_template", no_work)
-    monkeypatch.setattr(rwcnet.train, "train", no_work)
-    monkeypatch.setattr(rwcnet.train_log, "plot_log", no_work)
+    monkeypatch.setattr(rwcnet.training.loop, "train", no_work)
+    monkeypatch.setattr(rwcnet.training.log, "plot_log", no_work)
     (pair / "log.jsonl").write_text("{}\n")
     for args, path in [
         (["demo", "--output-dir", "/proc/demo"], "/proc/demo"),
@@ -188,7 +188,7 @@ def test_outputs_appear_together_with_the_qc_picture(pair, monkeypatch, capsys):
 UMASK_WRITES = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from rwcnet.io import Image, write_field, write_image
+    from rwcnet.data.formats import Image, write_field, write_image
     from rwcnet.outputs import atomic_output
     folder = sys.argv[1]
     reference = Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
@@ -262,7 +262,7 @@ def test_a_nifti_cut_short_by_itk_on_a_full_disk_is_an_error_not_a_file(tmp_path
     import SimpleITK
 
     from rwcnet.errors import InputError
-    from rwcnet.io import write_itk_field
+    from rwcnet.data.formats import write_itk_field
 
     real_write = SimpleITK.WriteImage
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rwcnet import geometry
-from rwcnet.io import Image
-from rwcnet.peers import peer_python, run_peer
+from rwcnet.data.formats import Image
+from rwcnet.baselines.peers import peer_python, run_peer
 from rwcnet.synthetic import make_pair, random_deformation
 
 
@@ -29,7 +29,7 @@ def _pair() -> tuple[Image, Image]:
 @pytest.mark.parametrize("peer", ["ants", "elastix", "greedy"])
 def test_peer_field_warps_like_the_peer_tool(peer):
     if peer_python(peer) is None:
-        pytest.skip(f"peer {peer} not set up (see rwcnet.peers)")
+        pytest.skip(f"peer {peer} not set up (see rwcnet.baselines.peers)")
     fixed, moving = _pair()
     result = run_peer(peer, fixed, moving, threads=1)
     ours = geometry.warp(torch.from_numpy(moving.array)[None, None],

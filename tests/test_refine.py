@@ -135,7 +135,7 @@ def test_metric_choice():
 
 def test_register_refines_an_instance_optimisation_start(tmp_path):
     """In the pipeline: IO alone, then the refinement; a known smooth field is recovered better than by IO alone."""
-    from rwcnet.io import Image
+    from rwcnet.data.formats import Image
     from rwcnet.register import register
 
     phi = random_deformation(SHAPE, (1.0, 1.0, 1.0), magnitude_mm=3.0, smoothness_mm=8.0, seed=6)
@@ -159,7 +159,7 @@ def test_bad_refinement_options_exit_2_before_any_work(tmp_path, extra, message)
     import subprocess
     import sys
 
-    from rwcnet.io import Image, write_image
+    from rwcnet.data.formats import Image, write_image
 
     image = Image(_blobs((16, 16, 16)), np.eye(4))
     for name in ("fixed", "moving"):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from rwcnet import geometry
 from rwcnet.cli import app
-from rwcnet.io import Image, read_field, write_image
+from rwcnet.data.formats import Image, read_field, write_image
 from rwcnet.model import ModelConfig, RWCNet, StageConfig, save_model
 from rwcnet.geometry.grids import working_grid
 from rwcnet.register import register

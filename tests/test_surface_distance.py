@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import directed_hausdorff
 
-from rwcnet import surface_distance
+from rwcnet.evaluation import surface_distance
 
 
 def _corner_surface_points(mask: np.ndarray) -> np.ndarray:

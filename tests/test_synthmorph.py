@@ -13,13 +13,13 @@ import torch
 from scipy import ndimage
 
 from rwcnet import geometry
-from rwcnet.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
-from rwcnet.synthmorph import OUTER_CSF, label_table, make_label_pair, merge_classes, random_transform
-from rwcnet.synthmorph_maps import moment_alignment, refine_alignment
-from rwcnet.train import train
-from rwcnet.train_config import SynthMorphConfig, TrainingConfig
-from rwcnet.train_data import TrainingData
-from rwcnet.train_log import read_log
+from rwcnet.training.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
+from rwcnet.training.synthmorph import OUTER_CSF, label_table, make_label_pair, merge_classes, random_transform
+from rwcnet.training.synthmorph_maps import moment_alignment, refine_alignment
+from rwcnet.training.loop import train
+from rwcnet.training.config import SynthMorphConfig, TrainingConfig
+from rwcnet.training.data import TrainingData
+from rwcnet.training.log import read_log
 
 #: value, synthseg_target: background, CSF, left/right white matter and cortex, lateral and inferior lateral ventricles, skin
 LABELS = [(0, 0), (24, 0), (2, 2), (3, 3), (41, 41), (42, 42), (4, 4), (5, 5), (507, 0)]

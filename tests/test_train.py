@@ -21,10 +21,10 @@ from rwcnet import geometry
 from rwcnet.errors import InputError
 from rwcnet.losses import LossConfig, total_loss
 from rwcnet.model import load_model
-from rwcnet.train import train
-from rwcnet.train_config import TrainingConfig, dump_config, load_config, training_preset
-from rwcnet.train_data import TrainingData, sample_indices
-from rwcnet.train_log import plot_log, read_log
+from rwcnet.training.loop import train
+from rwcnet.training.config import TrainingConfig, dump_config, load_config, training_preset
+from rwcnet.training.data import TrainingData, sample_indices
+from rwcnet.training.log import plot_log, read_log
 
 SHAPE = (32, 32, 32)
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
-from rwcnet.optimize import mind_pair
+from rwcnet.instance_optimisation import mind_pair
 
 Tensor = torch.Tensor
 #: ``progress(step, total, similarity)`` after every iteration (steps counted over all levels).

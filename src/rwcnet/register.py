@@ -22,7 +22,7 @@ import torch
 from rwcnet import geometry
 from rwcnet.errors import InputError
 from rwcnet.geometry.layout import field_array
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 from rwcnet.pipeline import Instrumentation, Settings, StageCallback, StepCallback, build_chain
 from rwcnet.pipeline.method import chain_intensities, chain_names
 from rwcnet.pipeline.pair import PreparedPair, prepare_pair, volume_tensor

@@ -8,7 +8,7 @@ import torch
 
 from rwcnet import geometry, pipeline
 from rwcnet.errors import InputError
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 from rwcnet.pipeline import Method, register_method
 from rwcnet.register import register
 

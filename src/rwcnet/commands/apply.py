@@ -19,7 +19,7 @@ from rwcnet.errors import InputError
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
 from rwcnet.geometry.grids import Grid, check_field_fits, field_header_grid, sampling_field
 from rwcnet.geometry.layout import field_tensor
-from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
+from rwcnet.data.formats import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
 from rwcnet.outputs import atomic_output, check_outputs, written_together
 
 INVERSE_TOLERANCE = 0.01  # voxels: largest accepted |x + u(x) - p| of an inverted keypoint
@@ -99,7 +99,7 @@ def _check_points(points: np.ndarray, shape: tuple[int, int, int], path: Path, g
 
 
 def _write_keypoints(path: Path, points: np.ndarray) -> None:
-    """Write ``(N, 3)`` voxel indices as a CSV that :func:`rwcnet.io.read_keypoints` reads, atomically."""
+    """Write ``(N, 3)`` voxel indices as a CSV that :func:`rwcnet.data.formats.read_keypoints` reads, atomically."""
     with atomic_output(path) as tmp:
         np.savetxt(tmp, points, fmt="%.6f", delimiter=",")
 

@@ -24,7 +24,7 @@ import torch
 from rwcnet.errors import InputError
 from rwcnet.geometry.fields import moving_voxel_field
 from rwcnet.geometry.layout import field_array, field_tensor
-from rwcnet.io import NIFTI_SUFFIXES, Image, read_image
+from rwcnet.data.formats import NIFTI_SUFFIXES, Image, read_image
 
 GRID_TOLERANCE_MM = 1e-3
 PHYSICAL = "physical space"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage
 
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 
 
 def same_grid(a: Image, b: Image, atol: float = 1e-4) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rwcnet import geometry
-from rwcnet.optimize import instance_optimise
+from rwcnet.instance_optimisation import instance_optimise
 from rwcnet.pipeline.instrument import Instrumentation
 from rwcnet.pipeline.method import Method, Settings, register_method
 from rwcnet.pipeline.pair import PreparedPair
@@ -15,7 +15,7 @@ Tensor = torch.Tensor
 
 
 class InstanceOptimisation(Method):
-    """Adam on MIND-SSC features (:mod:`rwcnet.optimize`), starting from the field before it."""
+    """Adam on MIND-SSC features (:mod:`rwcnet.instance_optimisation`), starting from the field before it."""
 
     stage, key = "instance optimisation", "instance_optimisation"
 
@@ -51,7 +51,7 @@ class Refinement(Method):
 
 
 class ConvexAdam(Method):
-    """The in-package ConvexAdam baseline (:mod:`rwcnet.convexadam`); it announces its own stages.
+    """The in-package ConvexAdam baseline (:mod:`rwcnet.baselines.convexadam`); it announces its own stages.
 
     Its discrete step cannot start from a field: given one, it registers the moving image
     sampled through it and returns the composition.
@@ -63,7 +63,7 @@ class ConvexAdam(Method):
         self.preset, self.io_iterations = preset, io_iterations
 
     def run(self, pair: PreparedPair, init: Tensor | None, record: Instrumentation) -> Tensor:
-        from rwcnet.convexadam import convex_adam
+        from rwcnet.baselines.convexadam import convex_adam
 
         moving, moving_mask = pair.moving_through(init)
         residual = convex_adam(

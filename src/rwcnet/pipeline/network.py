@@ -21,7 +21,7 @@ from rwcnet import geometry
 from rwcnet.geometry.grids import working_grid, orientation_matrix
 from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.geometry.resample import resample_image
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 from rwcnet.model import RWCNet, load_model
 from rwcnet.pipeline.instrument import Instrumentation
 from rwcnet.pipeline.method import Method, Settings, register_method

@@ -21,7 +21,7 @@ from rwcnet import geometry
 from rwcnet.errors import InputError
 from rwcnet.geometry.grids import Grid, grid_difference
 from rwcnet.geometry.resample import resample_image, same_grid
-from rwcnet.io import Image, read_image
+from rwcnet.data.formats import Image, read_image
 from rwcnet.pipeline.instrument import Instrumentation
 
 Tensor = torch.Tensor
@@ -105,7 +105,7 @@ def as_image(value: Image | str | Path, what: str) -> Image:
         return value
     if isinstance(value, (str, Path)):
         return read_image(value)
-    raise TypeError(f"{what}: expected an rwcnet.io.Image or a path, got {type(value).__name__}")
+    raise TypeError(f"{what}: expected an rwcnet.data.formats.Image or a path, got {type(value).__name__}")
 
 
 def _check_mask(mask: Image | None, image: Image, what: str) -> Image | None:

@@ -7,14 +7,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from rwcnet import geometry, metrics
+from rwcnet import geometry
+
+from rwcnet.evaluation import metrics
 from rwcnet.geometry.layout import field_array
-from rwcnet.io import read_image, read_keypoints
-from rwcnet.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
+from rwcnet.data.formats import read_image, read_keypoints
+from rwcnet.training.label_dice import fixed_onehot, hard_dice, soft_dice, warp_onehot
 from rwcnet.losses import gradient_regulariser, sequence_loss, total_loss
 from rwcnet.model import RWCNet
-from rwcnet.train_config import PhaseConfig, TrainingConfig
-from rwcnet.train_data import Sample, TrainingData, normalise
+from rwcnet.training.config import PhaseConfig, TrainingConfig
+from rwcnet.training.data import Sample, TrainingData, normalise
 
 
 def _box(origin, shape) -> tuple[slice, slice, slice, slice, slice]:
@@ -93,7 +95,7 @@ def _label_loss(config: TrainingConfig, fields: list[torch.Tensor], sample: Samp
 
     ``fields`` cover a box at ``origin`` of a grid ``grid_factor`` times coarser
     than full resolution; the soft labels live on a grid
-    ``sample.label_factor`` times coarser, sampled there (:mod:`rwcnet.label_dice`).
+    ``sample.label_factor`` times coarser, sampled there (:mod:`rwcnet.training.label_dice`).
     """
     settings = config.data.synthmorph
     if sample.label_factor % grid_factor:
@@ -117,7 +119,7 @@ def validate_labels(model: RWCNet, samples: list[Sample], num_stages: int, devic
 
     The full-resolution field of the first ``num_stages`` stages is brought to
     the labels' grid (:func:`rwcnet.geometry.resize_field`); Dice is taken on
-    the most likely class per voxel (:func:`rwcnet.label_dice.hard_dice`).
+    the most likely class per voxel (:func:`rwcnet.training.label_dice.hard_dice`).
     """
     training = model.training
     model.eval()

@@ -12,7 +12,7 @@ would have seen, and a sample is the same whichever process makes it —
 which is what lets an N-process run equal a one-process run (sample
 ``step * batch + j`` goes to process ``j // (batch / N)``).
 
-Images are normalised (:class:`rwcnet.train_config.Normalisation`) and
+Images are normalised (:class:`rwcnet.training.config.Normalisation`) and
 padded at the far end (edge values; labels with 0) to a multiple of the
 network's alignment, so patches can be cut anywhere on the stage grids.
 """
@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 from rwcnet import geometry
 from rwcnet.geometry.layout import pad_to_multiple
-from rwcnet.datasets import Learn2RegDataset, Pair, image_id
+from rwcnet.data.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
 from rwcnet.intensity import scale_intensity
-from rwcnet.io import Image, read_image, read_keypoints
+from rwcnet.data.formats import Image, read_image, read_keypoints
 from rwcnet.synthetic import IntensitySettings, intensity_perturbation, make_pair, random_deformation
-from rwcnet.train_synthmorph import LabelPairSource
-from rwcnet.train_config import DataConfig, IntensityConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
+from rwcnet.training.synthmorph_source import LabelPairSource
+from rwcnet.training.config import DataConfig, IntensityConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
 
 Tensor = torch.Tensor
 Box = tuple[slice, slice, slice]
@@ -55,7 +55,7 @@ class Sample:
     ``mask`` ``(1, 1, X, Y, Z)`` bool foreground of the fixed image;
     ``fixed_onehot``/``moving_onehot`` ``(1, M, X/f, Y/f, Z/f)`` soft labels
     of merged classes on a grid ``label_factor`` (``f``) times coarser (pairs
-    synthesised from label maps, :mod:`rwcnet.train_synthmorph`).
+    synthesised from label maps, :mod:`rwcnet.training.synthmorph_source`).
     """
 
     key: str

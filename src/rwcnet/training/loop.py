@@ -10,7 +10,7 @@ field) on the stage grid or at full resolution on the training patch.
 ``checkpoint_every`` steps, at the end of each phase and on SIGTERM/SIGINT)
 holds the weights, the optimiser, the RNG states, the phase and step, the
 best validated weights and the elapsed time. Samples and dropout masks are
-seeded per sample (:mod:`rwcnet.train_data`), so ``--resume`` continues
+seeded per sample (:mod:`rwcnet.training.data`), so ``--resume`` continues
 exactly: interrupted and resumed training gives bit-identical weights.
 
 **Threads and data processes.** torch and numpy/scipy each default to 2
@@ -48,12 +48,12 @@ from rwcnet.errors import InputError
 from rwcnet.model import RWCNet, load_model, save_model
 from rwcnet.model.files import build_model
 from rwcnet.outputs import atomic_output
-from rwcnet.train_config import PhaseConfig, TrainingConfig, dump_config
-from rwcnet.train_data import TrainingData, iterate_steps
-from rwcnet.train_log import Progress, TrainLog
-from rwcnet.train_runtime import Distributed, Signals, TrainingInterrupted, init_distributed, load_checkpoint, \
+from rwcnet.training.config import PhaseConfig, TrainingConfig, dump_config
+from rwcnet.training.data import TrainingData, iterate_steps
+from rwcnet.training.log import Progress, TrainLog
+from rwcnet.training.runtime import Distributed, Signals, TrainingInterrupted, init_distributed, load_checkpoint, \
     rng_state, save_checkpoint, set_rng_state
-from rwcnet.train_steps import report, sample_loss, validate, validate_labels
+from rwcnet.training.steps import report, sample_loss, validate, validate_labels
 
 __all__ = ["TrainingInterrupted", "train"]
 

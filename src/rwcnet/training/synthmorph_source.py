@@ -1,12 +1,12 @@
 """Training and validation samples synthesised from label maps (``data.synthmorph`` of a training config).
 
 A sample for a stage with downsampling factor ``f`` is synthesised on the
-``1/f`` grid of the reference image (:func:`rwcnet.synthmorph.make_label_pair`)
+``1/f`` grid of the reference image (:func:`rwcnet.training.synthmorph.make_label_pair`)
 and enlarged to full resolution by repeating each voxel ``f`` times per axis,
 so the network's own area averaging gives back exactly the synthesised
 images on the stage grid. The merged soft labels stay on the ``1/f`` grid
 (``Sample.label_factor``); the loss samples them there
-(:mod:`rwcnet.label_dice`). Randomness comes from the sample's numpy
+(:mod:`rwcnet.training.label_dice`). Randomness comes from the sample's numpy
 generator, so a sample is a pure function of ``(seed, phase, index)``.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch.nn.functional as F
 
 from rwcnet.errors import InputError
-from rwcnet.synthmorph import LabelPair, label_table, make_label_pair
-from rwcnet.synthmorph_maps import LabelMaps, map_path
-from rwcnet.train_config import SynthMorphConfig
+from rwcnet.training.synthmorph import LabelPair, label_table, make_label_pair
+from rwcnet.training.synthmorph_maps import LabelMaps, map_path
+from rwcnet.training.config import SynthMorphConfig
 
 
 #: Voxels synthesised beyond each face of a training crop (on the crop's grid) and then cut away.

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rwcnet.errors import InputError
-from rwcnet.io import read_image, read_keypoints
+from rwcnet.data.formats import read_image, read_keypoints
 
 PAIR_SETS = {"val": "registration_val", "test": "registration_test"}
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")

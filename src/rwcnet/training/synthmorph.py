@@ -3,7 +3,7 @@
 A pair starts from two soft one-hot label maps ``(1, K, X, Y, Z)`` on the
 grid of the stage being trained (one channel per *generation* label, the
 fraction of each voxel that the label covers; see
-:mod:`rwcnet.synthmorph_maps`). Each map is warped by its own random smooth
+:mod:`rwcnet.training.synthmorph_maps`). Each map is warped by its own random smooth
 transform (a small random affine about the grid centre after an integrated
 stationary velocity field, :func:`random_transform`), trilinearly, so the
 warped channels stay fractions. Each map becomes an image with random
@@ -38,7 +38,7 @@ from rwcnet.synthetic import _blur, _bspline_upsample, _smooth_noise
 Tensor = torch.Tensor
 
 #: Labels that a skull-stripped image shows as background: air, the CSF outside the brain
-#: (:data:`OUTER_CSF`, made by :mod:`rwcnet.synthmorph_maps`) and the extra-cerebral tissues 500-599.
+#: (:data:`OUTER_CSF`, made by :mod:`rwcnet.training.synthmorph_maps`) and the extra-cerebral tissues 500-599.
 OUTER_CSF = -24
 
 #: SynthSeg's inferior lateral ventricles (5 / 44) are scored with the lateral ventricles (4 / 43):

@@ -11,7 +11,7 @@ or point ``RWCNET_ANTS_PYTHON`` / ``RWCNET_ELASTIX_PYTHON`` / ``RWCNET_GREEDY_PY
 at an interpreter that has them. greedy's wheel needs only numpy and SimpleITK,
 so ``pip install rwcnet[greedy]`` also works: greedy then runs in rwcnet's own
 interpreter (still as a subprocess, so its time and memory are its own). Each peer writes an ITK displacement field (LPS mm on the fixed
-grid), which :func:`rwcnet.io.read_itk_field` turns into our Learn2Reg field.
+grid), which :func:`rwcnet.data.formats.read_itk_field` turns into our Learn2Reg field.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from rwcnet.errors import InputError
 from rwcnet.geometry.resample import same_grid
-from rwcnet.io import Image, read_image, read_itk_field, write_image
+from rwcnet.data.formats import Image, read_image, read_itk_field, write_image
 
 PEERS = {
     "ants": ("ants_syn.py", "RWCNET_ANTS_PYTHON", "antspyx"),

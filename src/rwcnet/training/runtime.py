@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from rwcnet.errors import InputError
 from rwcnet.outputs import atomic_output
-from rwcnet.train_config import TrainingConfig
+from rwcnet.training.config import TrainingConfig
 
 FORMAT = "rwcnet-checkpoint"
 #: Config entries that may change between a run and its resumption (they do not change the result).

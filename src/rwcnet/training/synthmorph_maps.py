@@ -9,7 +9,7 @@ foreground (intensity > 0) by its first and second moments (centroid and a
 symmetric linear map that carries one covariance onto the other), refined as
 a 12-parameter affine on the two masks at 4 mm (:func:`refine_alignment`), and
 the labels are resampled there (nearest neighbour). CSF outside the closed,
-hole-filled brain becomes its own label (:data:`rwcnet.synthmorph.OUTER_CSF`),
+hole-filled brain becomes its own label (:data:`rwcnet.training.synthmorph.OUTER_CSF`),
 so that skull-stripped images can drop it as the shared brains do.
 
 For each downsampling factor ``f`` the map is then stored as the fraction of
@@ -33,9 +33,9 @@ from scipy import ndimage
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.io import read_image
+from rwcnet.data.formats import read_image
 from rwcnet.outputs import atomic_output
-from rwcnet.synthmorph import OUTER_CSF, LabelTable
+from rwcnet.training.synthmorph import OUTER_CSF, LabelTable
 
 #: Factors cached together on first use (the stages of the ``cpu`` network), since resampling a map is the slow part.
 TRAINING_FACTORS = (2, 4)

@@ -93,12 +93,12 @@ class SyntheticConfig(_Strict):
 
 
 class SynthMorphConfig(_Strict):
-    """Pairs synthesised from label maps (:mod:`rwcnet.synthmorph`), trained with a soft Dice loss on merged classes.
+    """Pairs synthesised from label maps (:mod:`rwcnet.training.synthmorph`), trained with a soft Dice loss on merged classes.
 
     Ranges are ``(low, high)`` drawn uniformly per image. Synthesis runs at
     the resolution of the stage being trained (its downsampling factor), on
     the grid of the ``reference`` training image (the maps are aligned to it
-    and cached in ``cache``, :mod:`rwcnet.synthmorph_maps`).
+    and cached in ``cache``, :mod:`rwcnet.training.synthmorph_maps`).
     """
 
     labels: str = Field("../shared/data/synthseg_labels", description="folder of training_seg_NN.nii.gz and labels.json")

@@ -15,7 +15,7 @@ The steps (SPEC §6), all on the fixed grid, fields in voxels, pull-back:
 4. Optionally the same from moving to fixed and 15 rounds of inverse
    consistency ``u ← ½(u − v∘(id + u))``, ``v ← ½(v − u∘(id + v))``.
 5. The coarse field brought to full resolution (trilinear), then
-   :mod:`rwcnet.optimize`'s Adam instance optimisation.
+   :mod:`rwcnet.instance_optimisation`'s Adam instance optimisation.
 
 The cost volume is built one shift slab at a time, never as the
 channels × shifts × voxels tensor, and the coupled argmin runs in
@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rwcnet.geometry import resize_field, warp
 from rwcnet.geometry.layout import crop, integer_shifts, pad_to_multiple
 from rwcnet.mind import box_filter
-from rwcnet.optimize import (
+from rwcnet.instance_optimisation import (
     IO_PRESETS,
     IOConfig,
     Progress,

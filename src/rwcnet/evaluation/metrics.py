@@ -46,7 +46,7 @@ from scipy import ndimage
 from rwcnet.geometry import jacobian_determinant
 from rwcnet.geometry.layout import field_tensor
 from rwcnet.geometry.official import field_at_points_cubic, warp_labels_official
-from rwcnet.surface_distance import robust_hausdorff
+from rwcnet.evaluation.surface_distance import robust_hausdorff
 
 JACOBIAN_CROP = 2
 SDLOGJ_OFFSET = 3.0
