@@ -17,8 +17,9 @@ import torch
 
 from rwcnet.errors import InputError
 from rwcnet.model.cascade import RWCNet
-from rwcnet.model.config import ModelConfig, model_preset
+from rwcnet.model.config import ModelConfig
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
+from rwcnet.model.presets import model_preset
 from rwcnet.outputs import atomic_output
 
 FORMAT = "rwcnet-model"

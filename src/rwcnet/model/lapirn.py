@@ -9,7 +9,7 @@ scaling and squaring). Coarse levels are trained first and frozen while a finer
 one trains, with the same ``forward``/``freeze_stages`` interface as
 :class:`~rwcnet.model.cascade.RWCNet`, so the training loop runs it unchanged.
 
-Presets (``lapirn_preset(name)``, also reachable through ``model_preset``):
+Presets (``lapirn_preset(name)``, also reachable through :func:`rwcnet.model.presets.model_preset`):
 
 * ``lapirn`` — widths of the LapIRN paper's order (28 channels, one stride-2
   level, 5 residual blocks); a GPU design.

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rwcnet.errors import InputError
 from rwcnet.losses import LossConfig, loss_config
-from rwcnet.model.config import ModelConfig, model_preset
+from rwcnet.model.config import ModelConfig
+from rwcnet.model.presets import model_preset
 
 
 class _Strict(BaseModel):
