@@ -17,7 +17,7 @@ from rwcnet.errors import InputError
 def test_paired_dataset_pairs_masks_and_csv_keypoints_named_nii(tmp_path: Path) -> None:
     root = write_paired(tmp_path / "tiny")
     ds = Learn2RegDataset(root)
-    assert ds.name == "TINY" and ds.pairings == "paired" and ds.image_shape == SHAPE
+    assert ds.name == "TINY" and ds.pairings == "paired"
     assert ds.evaluation_labels is None
     val = ds.pairs("val")
     assert [p.key for p in val] == ["0002_0000<--0002_0001", "0003_0000<--0003_0001"]

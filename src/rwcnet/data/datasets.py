@@ -174,12 +174,6 @@ class Learn2RegDataset:
         name = recorded.get("0", "") if isinstance(recorded, dict) else ""
         return "ct" if str(name).strip().upper() == "CT" else "mr"
 
-    @property
-    def image_shape(self) -> tuple[int, int, int] | None:
-        """``tensorImageShape`` of modality 0, or None."""
-        shape = self.meta.get("tensorImageShape", {}).get("0")
-        return tuple(int(v) for v in shape) if shape else None
-
     def training_images(self) -> list[Path]:
         """Images of the ``training`` list (each checked to exist)."""
         return [self._existing(path, "training image") for path in self._entries]

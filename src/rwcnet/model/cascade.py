@@ -21,7 +21,6 @@ class StageResult:
     """What one stage produced, on its own grid (voxels of that grid)."""
 
     field: torch.Tensor  # (B, 3, X_s, Y_s, Z_s): total field after this stage
-    prior: torch.Tensor  # (B, 3, X_s, Y_s, Z_s): total field before this stage
     hidden: torch.Tensor  # (B, H, X_s, Y_s, Z_s)
     sequence: list[torch.Tensor] = dataclass_field(default_factory=list)  # total field after each iteration
     origin: tuple[int, int, int] = (0, 0, 0)  # stage-grid voxel where the field starts (training regions)
@@ -169,7 +168,6 @@ class RWCNet(StagewiseModel):
             origin = tuple(s.start for s in region)
             return StageResult(
                 field=geometry.compose(residual, prior, origin=origin),
-                prior=prior[(slice(None), slice(None), *region)],
                 hidden=hidden,
                 sequence=[geometry.compose(flow, prior, origin=origin) for flow in flows] if sequence else [],
                 origin=origin,
@@ -187,7 +185,6 @@ class RWCNet(StagewiseModel):
         steps = [out[f"step{i}"] for i in range(config.iterations)] if sequence else []
         return StageResult(
             field=geometry.compose(out["residual"], prior),
-            prior=prior,
             hidden=out["hidden"],
             sequence=[geometry.compose(step, prior) for step in steps],
         )

@@ -231,7 +231,6 @@ class LapIRN(StagewiseModel):
         field = prior[box] + residual  # LapIRN's pyramid step: upsampled coarse field + this level's residual
         return StageResult(
             field=field,
-            prior=prior[box],
             hidden=features,
             sequence=[field] if sequence else [],
             origin=tuple(s.start for s in region) if region is not None else (0, 0, 0),

@@ -28,6 +28,7 @@ from rwcnet.errors import InputError
 from rwcnet.losses import LossConfig, loss_config
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.presets import model_preset
+from rwcnet.synthetic import IntensitySettings
 
 
 class _Strict(BaseModel):
@@ -61,14 +62,6 @@ class PhaseConfig(_Strict):
         return value
 
 
-class IntensityConfig(_Strict):
-    """Intensity perturbation of the warped image (:func:`rwcnet.synthetic.intensity_perturbation`)."""
-
-    bias_strength: float = Field(0.1, ge=0)
-    gamma_range: tuple[float, float] = (0.8, 1.25)
-    noise_std: float = Field(0.01, ge=0)
-
-
 class SyntheticConfig(_Strict):
     """Semi-synthetic pairs: an image and its copy warped by a known smooth random deformation.
 
@@ -82,7 +75,7 @@ class SyntheticConfig(_Strict):
     smoothness_mm: tuple[float, float] = (15.0, 30.0)
     min_jacobian: float = Field(0.1, ge=0, lt=1)
     generation_downsample: int = Field(2, ge=1, le=8)
-    intensity: IntensityConfig | None = IntensityConfig()
+    intensity: IntensitySettings | None = IntensitySettings()
 
     @model_validator(mode="after")
     def _ranges(self) -> "SyntheticConfig":

@@ -37,7 +37,7 @@ from rwcnet.intensity import scale_intensity
 from rwcnet.data.formats import Image, read_image, read_keypoints
 from rwcnet.synthetic import IntensitySettings, intensity_perturbation, make_pair, random_deformation
 from rwcnet.training.synthmorph_source import LabelPairSource
-from rwcnet.training.config import DataConfig, IntensityConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
+from rwcnet.training.config import DataConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
 
 Tensor = torch.Tensor
 Box = tuple[slice, slice, slice]
@@ -157,7 +157,7 @@ class TrainingData:
         return fixed > self.data.foreground_threshold
 
     def _synthetic_pair(self, entry: _Entry, rng: np.random.Generator, magnitude: float, smoothness: float,
-                        intensity: IntensityConfig | None) -> dict:
+                        intensity: IntensitySettings | None) -> dict:
         shape = entry.image.shape[2:]
         factor = self.synthetic.generation_downsample
         coarse = [max(2, math.ceil(n / factor)) for n in shape]
@@ -165,10 +165,8 @@ class TrainingData:
         phi = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=smoothness,
                                  seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
         phi = geometry.resize_field(phi, shape)
-        settings = None if intensity is None else IntensitySettings(
-            bias_strength=intensity.bias_strength, gamma_range=tuple(intensity.gamma_range), noise_std=intensity.noise_std)
         pair = make_pair(entry.image, labels=entry.labels, keypoints=entry.keypoints, deformation=phi,
-                         spacing_mm=entry.spacing, warped_role="fixed", intensity=settings, seed=_seed(rng))
+                         spacing_mm=entry.spacing, warped_role="fixed", intensity=intensity, seed=_seed(rng))
         keypoints = {}
         if pair.fixed_keypoints is not None:
             keypoints = {"fixed_keypoints": pair.fixed_keypoints[None].float(),
