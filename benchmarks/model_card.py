@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _untrained_copy(model: Path, target: Path) -> None:
+    from dataclasses import replace
+
     import torch
 
     from rwcnet.model import load_model, save_model
@@ -32,7 +34,7 @@ def _untrained_copy(model: Path, target: Path) -> None:
     trained, metadata = load_model(model)
     torch.manual_seed(0)
     untrained = build_model(trained.config)
-    save_model(target, untrained, {**metadata, "note": "untrained copy for the model card"})
+    save_model(target, untrained, replace(metadata, training={**metadata.training, "note": "untrained copy for the model card"}))
 
 
 def _zero_fields(dataset: Path, out: Path) -> None:

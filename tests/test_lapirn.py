@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from scipy import ndimage
 
 from rwcnet import geometry
-from rwcnet.model import RWCNet, load_model, model_preset, save_model
+from rwcnet.model import ModelMetadata, RWCNet, load_model, model_preset, save_model
 from rwcnet.model.files import build_model
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
 from rwcnet.synthetic import make_pair
@@ -99,9 +99,9 @@ def test_model_file_round_trip_gives_identical_outputs(tmp_path, one_thread):
     net = LapIRN(TINY)
     for level in net.stages:
         torch.nn.init.normal_(level.head.weight, std=0.05)
-    save_model(tmp_path / "lapirn.pt", net, {"note": "test"})
+    save_model(tmp_path / "lapirn.pt", net, ModelMetadata(training={"note": "test"}))
     loaded, metadata = load_model(tmp_path / "lapirn.pt")
-    assert isinstance(loaded, LapIRN) and loaded.config == TINY and metadata == {"note": "test", "modality": "mr"}  # a file without a modality reads as mr
+    assert isinstance(loaded, LapIRN) and loaded.config == TINY and metadata == ModelMetadata(training={"note": "test"})
     fixed, moving = torch.rand(1, 1, 17, 16, 15), torch.rand(1, 1, 17, 16, 15)
     with torch.no_grad():
         expected, got = net.eval()(fixed, moving).field, loaded(fixed, moving).field
@@ -146,7 +146,7 @@ def test_training_loop_writes_a_loadable_lapirn(tmp_path, one_thread):
     summary = train(config, tmp_path / "run", progress=False)
     assert summary["status"] == "finished"
     model, metadata = load_model(tmp_path / "run" / "model.pt")
-    assert isinstance(model, LapIRN) and metadata["network_preset"] == "lapirn-cpu"
+    assert isinstance(model, LapIRN) and metadata.training["network_preset"] == "lapirn-cpu"
     image = smooth_image((32, 32, 32), 6)
     with torch.no_grad():
         assert model(image, image).field.shape == (1, 3, 32, 32, 32)

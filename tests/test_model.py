@@ -11,7 +11,7 @@ from torch import nn
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.model import ModelConfig, RWCNet, StageConfig, load_model, model_preset, save_model
+from rwcnet.model import ModelConfig, ModelMetadata, RWCNet, StageConfig, load_model, model_preset, save_model
 from rwcnet.model.tiling import plan_tiles, run_tiled
 from rwcnet.model.update import ConvexUpsampler, ConvGRU
 
@@ -175,9 +175,9 @@ def test_model_file_round_trip_and_refusals(tmp_path):
     torch.manual_seed(0)
     model = RWCNet(tiny_model()).eval()
     path = tmp_path / "model.pt"
-    save_model(path, model, {"spacing_mm": [1.0, 1.0, 1.0]})
+    save_model(path, model, ModelMetadata(spacing_mm=(1.0, 1.0, 1.0), training={"note": "test"}))
     loaded, metadata = load_model(path)
-    assert metadata["spacing_mm"] == [1.0, 1.0, 1.0]
+    assert metadata == ModelMetadata(spacing_mm=(1.0, 1.0, 1.0), training={"note": "test"})
     x, y = smooth_image((16, 16, 16), 1), smooth_image((16, 16, 16), 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, y).field, model(x, y).field)
@@ -198,13 +198,36 @@ def test_model_files_record_their_modality_and_old_files_read_as_mr(tmp_path):
 
     shipped = Path(str(resources.files("rwcnet") / "weights" / "brain.pt"))
     assert "modality" not in torch.load(shipped, weights_only=True)["metadata"]  # written before modality was recorded
-    assert load_model(shipped)[1]["modality"] == "mr"
+    assert load_model(shipped)[1].modality == "mr"
     model = RWCNet(tiny_model())
-    save_model(tmp_path / "ct.pt", model, {"modality": "ct"})
-    assert load_model(tmp_path / "ct.pt")[1]["modality"] == "ct"
+    save_model(tmp_path / "ct.pt", model, ModelMetadata(modality="ct"))
+    assert load_model(tmp_path / "ct.pt")[1].modality == "ct"
     with pytest.raises(ValueError, match="pet"):
-        save_model(tmp_path / "pet.pt", model, {"modality": "pet"})
-    assert not (tmp_path / "pet.pt").exists()
+        ModelMetadata(modality="pet")
+    payload = torch.load(tmp_path / "ct.pt", weights_only=True)
+    payload["metadata"]["modality"] = "pet"  # a file edited by hand: refused on load, naming the file
+    torch.save(payload, tmp_path / "pet.pt")
+    with pytest.raises(InputError, match="pet.pt.*pet"):
+        load_model(tmp_path / "pet.pt")
+
+
+def test_format_1_files_read_through_the_versioned_reader(tmp_path):
+    from importlib import resources
+
+    shipped = Path(str(resources.files("rwcnet") / "weights" / "brain.pt"))
+    payload = torch.load(shipped, weights_only=True)
+    assert payload["format_version"] == 1
+    _, metadata = load_model(shipped)
+    flat = payload["metadata"]  # format 1: one flat dict
+    assert metadata.orientation == flat["orientation"] == "LIA" and list(metadata.spacing_mm) == flat["spacing_mm"]
+    assert metadata.normalisation == flat.get("normalisation") and metadata.modality == "mr"
+    assert metadata.training["training_preset"] == flat["training_preset"] == "cpu-brain"
+    assert set(metadata.training) == set(flat) - {"orientation", "spacing_mm", "normalisation", "modality"}
+    save_model(tmp_path / "again.pt", load_model(shipped)[0], metadata)  # written again: format 2, same metadata
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert again["format_version"] == 2 and set(again["metadata"]) == {"modality", "spacing_mm", "orientation",
+                                                                       "normalisation", "training"}
+    assert load_model(tmp_path / "again.pt")[1] == metadata
 
 
 @pytest.mark.slow

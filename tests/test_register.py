@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from rwcnet import geometry
 from rwcnet.cli import app
 from rwcnet.data.formats import Image, read_field, write_image
-from rwcnet.model import ModelConfig, RWCNet, StageConfig, save_model
+from rwcnet.model import ModelConfig, ModelMetadata, RWCNet, StageConfig, save_model
 from rwcnet.geometry.grids import working_grid
 from rwcnet.register import register
 
@@ -67,7 +67,7 @@ def test_a_model_on_another_working_grid_returns_the_field_on_the_fixed_grid(tmp
                         motion_channels=8, head_channels=8, flow_kernel=3)
     network = RWCNet(ModelConfig(stages=[stage], dropout=0.0, flow_head_init_scale=0.0))
     path = tmp_path / "model.pt"
-    save_model(path, network, {"orientation": "LIA", "spacing_mm": 2.0})
+    save_model(path, network, ModelMetadata(orientation="LIA", spacing_mm=2.0))
     fixed = Image(blobs((24, 20, 16), 2), np.diag([1.0, 1.0, 1.0, 1.0]))
     result = register(fixed, fixed, model=path, io=False, refine=False, device="cpu")
     assert result.field.shape == (24, 20, 16, 3)
@@ -85,7 +85,7 @@ def _tiny_model(path, metadata):
 def test_the_network_grid_is_never_finer_than_the_fixed_image_and_io_runs_on_the_fixed_grid(tmp_path, monkeypatch):
     from rwcnet.pipeline import methods
 
-    path = _tiny_model(tmp_path / "model.pt", {"orientation": "LIA", "spacing_mm": 1.0})
+    path = _tiny_model(tmp_path / "model.pt", ModelMetadata(orientation="LIA", spacing_mm=1.0))
     seen = {}
     forward, optimise = RWCNet.forward, methods.instance_optimise
     monkeypatch.setattr(RWCNet, "forward", lambda self, f, m, **k: seen.setdefault("network", tuple(f.shape[2:])) and forward(self, f, m, **k))
@@ -100,7 +100,7 @@ def test_the_network_grid_is_never_finer_than_the_fixed_image_and_io_runs_on_the
 
 
 def test_a_model_of_another_modality_runs_with_a_one_line_warning(tmp_path, images):
-    path = _tiny_model(tmp_path / "mr.pt", {})  # no modality recorded: an MR model
+    path = _tiny_model(tmp_path / "mr.pt", ModelMetadata())  # the default modality: an MR model
     fixed = Image(blobs((16, 16, 16), 6) * 1000.0 - 500.0, np.eye(4))
     mask = Image(np.ones((16, 16, 16), np.uint8), np.eye(4))
     as_ct = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
@@ -119,7 +119,7 @@ def test_network_memory_is_released_before_instance_optimisation(tmp_path, monke
     stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
                         motion_channels=8, head_channels=8, flow_kernel=3)
     path = tmp_path / "model.pt"
-    save_model(path, RWCNet(ModelConfig(stages=[stage], dropout=0.0)), {})
+    save_model(path, RWCNet(ModelConfig(stages=[stage], dropout=0.0)))
     events = []
     optimise = methods.instance_optimise
     monkeypatch.setattr(network, "release_freed_memory", lambda: events.append("release") or True)
@@ -143,7 +143,7 @@ def test_the_network_sees_intensities_normalised_as_it_was_trained(tmp_path, mon
                         motion_channels=8, head_channels=8, flow_kernel=3)
     network = RWCNet(ModelConfig(stages=[stage], dropout=0.0))
     path = tmp_path / "model.pt"
-    save_model(path, network, {"normalisation": recorded})
+    save_model(path, network, ModelMetadata(normalisation=recorded))
     seen = []
     forward = RWCNet.forward
     monkeypatch.setattr(RWCNet, "forward", lambda self, f, m, **k: seen.append(f.clone()) or forward(self, f, m, **k))

@@ -13,9 +13,10 @@ def test_shipped_brain_weights_carry_their_training_metadata():
     assert path is not None and path.with_suffix(".md").is_file()
     model, metadata = load_model(path)
     assert model.config.name == "cpu"
-    assert metadata["orientation"] == "LIA" and metadata["spacing_mm"] == [1.0, 1.0, 1.0]
-    assert metadata["training_preset"] == "cpu-brain"
-    assert "BRAIN_0001_0000" not in metadata["training_images"] and "BRAIN_0002_0000" not in metadata["training_images"]
+    assert metadata.orientation == "LIA" and metadata.spacing_mm == (1.0, 1.0, 1.0)
+    assert metadata.training["training_preset"] == "cpu-brain"
+    images = metadata.training["training_images"]
+    assert "BRAIN_0001_0000" not in images and "BRAIN_0002_0000" not in images
 
 
 def test_shipped_brain_weights_recover_most_of_a_known_smooth_deformation():

@@ -23,6 +23,7 @@ from rwcnet.intensity import normalise, scale_intensity
 from rwcnet.geometry.resample import resample_image
 from rwcnet.data.formats import Image
 from rwcnet.model import RWCNet, load_model
+from rwcnet.model.metadata import ModelMetadata
 from rwcnet.pipeline.instrument import Instrumentation
 from rwcnet.pipeline.method import Method, Settings, register_method
 from rwcnet.pipeline.pair import PreparedPair, volume_tensor
@@ -44,28 +45,28 @@ def shipped_model_path(name: str) -> Path | None:
 
 def resolve_model(
     model: str | Path | None, device: torch.device, modality: str = "mr"
-) -> tuple[RWCNet | None, dict, str]:
+) -> tuple[RWCNet | None, ModelMetadata, str]:
     """Load ``model`` (``"default"``, a shipped name, a path or ``None``); returns the network, its metadata and a note.
 
     ``"default"`` is :data:`DEFAULT_MODELS` of ``modality``.
     """
     if model is None:
-        return None, {}, "no network: instance optimisation alone"
+        return None, ModelMetadata(), "no network: instance optimisation alone"
     if str(model) == "default":
         model = DEFAULT_MODELS[modality]
     if str(model) in SHIPPED_MODELS:
         path = shipped_model_path(str(model))
         if path is None:
-            return None, {}, f"no shipped '{model}' weights in this rwcnet yet: instance optimisation alone"
+            return None, ModelMetadata(), f"no shipped '{model}' weights in this rwcnet yet: instance optimisation alone"
     else:
         path = Path(model)
     network, metadata = load_model(path, device=device)
-    return network, metadata, f"network: {path.name} ({network.config.name}, trained on {metadata['modality'].upper()})"
+    return network, metadata, f"network: {path.name} ({network.config.name}, trained on {metadata.modality.upper()})"
 
 
-def modality_warning(metadata: dict, modality: str, name: str) -> str | None:
+def modality_warning(metadata: ModelMetadata, modality: str, name: str) -> str | None:
     """The one-line warning for a model trained on another modality than ``modality`` (None when they match)."""
-    trained = metadata.get("modality", "mr")
+    trained = metadata.modality
     if trained == modality:
         return None
     return (f"model {name} was trained on {trained.upper()} images and is used here on {modality.upper()} "
@@ -85,15 +86,15 @@ def network_spacing(fixed: Image, spacing: float | list[float], orientation: str
     return np.maximum(model, voxel_mm[alignment.argmax(axis=1)])
 
 
-def intensity_mapping(metadata: dict, modality: str, ct_range: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def intensity_mapping(metadata: ModelMetadata, modality: str, ct_range: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """How to normalise images for a model: as it was trained, if its file records a range; else by ``modality``.
 
-    ``metadata["normalisation"]`` is the training config's ``{kind, low, high}``: ``range`` maps
+    ``metadata.normalisation`` is the training config's ``{kind, low, high}``: ``range`` maps
     ``low..high`` to 0..1, ``window`` also clips to [0, 1], ``none`` (or no record) means the images
     were used as stored, and the modality's preset applies. Returns the mapping and a note
     (empty when the modality's preset is used).
     """
-    trained = metadata.get("normalisation") or {}
+    trained = metadata.normalisation or {}
     kind = trained.get("kind", "none")
     if kind in ("range", "window"):
         low, high = float(trained["low"]), float(trained["high"])
@@ -109,7 +110,7 @@ class NetworkMethod(Method):
 
     stage = key = "network"
 
-    def __init__(self, network: RWCNet, metadata: dict, settings: Settings) -> None:
+    def __init__(self, network: RWCNet, metadata: ModelMetadata, settings: Settings) -> None:
         self.network, self.metadata = network, metadata
         self.intensities = intensity_mapping(metadata, settings.modality, settings.ct_range)
 
@@ -123,13 +124,13 @@ class NetworkMethod(Method):
               notes: list[str]) -> Tensor:
         """The network's field ``(1, 3, *fixed.shape)`` in fixed voxels; ``moving`` is on the fixed grid."""
         metadata, on_fixed_grid, work = self.metadata, True, fixed
-        if "orientation" in metadata:
-            spacing = network_spacing(fixed, metadata.get("spacing_mm", 1.0), metadata["orientation"])
-            affine, shape = working_grid(fixed, spacing, metadata["orientation"])
+        if metadata.orientation is not None:
+            spacing = network_spacing(fixed, metadata.spacing_mm or 1.0, metadata.orientation)
+            affine, shape = working_grid(fixed, spacing, metadata.orientation)
             on_fixed_grid = tuple(shape) == fixed.shape and bool(np.allclose(affine, fixed.affine, atol=1e-4))
             if not on_fixed_grid:
                 work = Image(np.zeros(shape, np.float32), affine)
-                notes.append(f"network working grid {metadata['orientation']} {tuple(shape)} at "
+                notes.append(f"network working grid {metadata.orientation} {tuple(shape)} at "
                              f"{'x'.join(f'{s:g}' for s in spacing)} mm (IO and output on the fixed grid)")
         device = next(self.network.parameters()).device
         inputs = [volume_tensor(intensities(img.array if on_fixed_grid else resample_image(img, work, order=1).array), device)

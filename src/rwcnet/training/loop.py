@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from rwcnet.errors import InputError
 from rwcnet.model import RWCNet, load_model, save_model
+from rwcnet.model.metadata import ModelMetadata
 from rwcnet.model.files import build_model
 from rwcnet.outputs import atomic_output
 from rwcnet.training.config import PhaseConfig, TrainingConfig, dump_config
@@ -268,24 +269,26 @@ def _finish(model: RWCNet, config: TrainingConfig, data: TrainingData, output: P
     import nibabel as nib
 
     reference = data.reference_image()
-    metadata = {
-        "training_preset": config.name,
-        "network_preset": config.model if isinstance(config.model, str) else config.model.name,
-        "spacing_mm": [float(s) for s in reference.spacing],
-        "orientation": "".join(nib.orientations.aff2axcodes(reference.affine)),
-        "normalisation": config.data.normalisation.model_dump(),
-        "modality": data.dataset.modality,
-        "steps": {f"stage{p.stage}": p.steps for p in config.phases},
-        "wall_seconds": wall,
-        "seed": config.seed,
-        "processes": env.world,
-        "training_images": data.image_ids,
-    }
+    metadata = ModelMetadata(
+        modality=data.dataset.modality,
+        spacing_mm=tuple(float(s) for s in reference.spacing),
+        orientation="".join(nib.orientations.aff2axcodes(reference.affine)),
+        normalisation=config.data.normalisation.model_dump(),
+        training={
+            "training_preset": config.name,
+            "network_preset": config.model if isinstance(config.model, str) else config.model.name,
+            "steps": {f"stage{p.stage}": p.steps for p in config.phases},
+            "wall_seconds": wall,
+            "seed": config.seed,
+            "processes": env.world,
+            "training_images": data.image_ids,
+        },
+    )
     save_model(output / MODEL, model, metadata)
     result: dict[str, Any] = {"model": str(output / MODEL)}
     if config.report and data.report_pairs():
         cases = report(model, data, device)
         with atomic_output(output / REPORT) as tmp:
-            tmp.write_text(json.dumps({"cases": cases, "metadata": metadata}, indent=2), encoding="utf-8")
+            tmp.write_text(json.dumps({"cases": cases, "metadata": metadata.to_dict()}, indent=2), encoding="utf-8")
         result["report"] = cases
     return result
