@@ -27,7 +27,7 @@ and the Adam stage warp with exact voxel coordinates (the official code
 normalises by ``(n−1)/2`` but samples with ``align_corners=False``, a
 stretch by ``n/(n−1)``). Otherwise the steps are the official ones; the
 cost volume and coupled-convex result agree with the official functions
-to float precision (see ``tests/test_convexadam.py``).
+to float precision (see ``tests/baselines/test_convexadam.py``).
 """
 
 from __future__ import annotations

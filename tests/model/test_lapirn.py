@@ -133,7 +133,7 @@ def test_tiny_lapirn_overfits_one_pair_at_full_resolution(one_thread):
 
 
 def test_training_loop_writes_a_loadable_lapirn(tmp_path, one_thread):
-    from test_train import tiny_config, write_dataset
+    from train_fixture import tiny_config, write_dataset
 
     from rwcnet.training.loop import train
     from rwcnet.training.config import TrainingConfig

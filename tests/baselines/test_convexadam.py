@@ -169,7 +169,7 @@ def test_steps_match_the_official_package_fixture():
     The reference values were made once by ``tests/fixtures/make_convexadam_fixture.py`` with the
     official package, from a seeded 32³ pair moved by up to 5 voxels; this test runs without it.
     """
-    reference = np.load(Path(__file__).parent / "fixtures" / "convexadam_official.npz")
+    reference = np.load(Path(__file__).parents[1] / "fixtures" / "convexadam_official.npz")
     assert str(reference["convexadam_version"]) == "0.2.0"
     spacing, radius = int(reference["grid_spacing"]), int(reference["radius"])
     fixed, moving = (torch.from_numpy(reference[k].astype(np.float32) / 255)[None, None] for k in ("fixed", "moving"))

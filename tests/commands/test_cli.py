@@ -14,7 +14,7 @@ from rich.console import Console
 from rwcnet.data.formats import Image, write_image
 from rwcnet.progress import StageProgress
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_version_prints_the_package_version_and_exits_0():
