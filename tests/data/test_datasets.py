@@ -1,4 +1,4 @@
-"""Learn2Reg dataset folders: JSON parsing, pairs, label/mask/keypoint lookup, the torch PairDataset."""
+"""Learn2Reg dataset folders: JSON parsing, pairs, label/mask/keypoint lookup."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from l2r_fixture import SHAPE, SHIFT, SPACING, write_paired, write_unpaired
-from rwcnet.data.datasets import Learn2RegDataset, Pair, PairDataset, field_names, find_field, image_id, read_pairs_csv
+from rwcnet.data.datasets import Learn2RegDataset, Pair, field_names, find_field, image_id, read_pairs_csv
+from rwcnet.data.formats import read_image, read_keypoints
 from rwcnet.errors import InputError
 
 
@@ -32,22 +32,19 @@ def test_paired_dataset_pairs_masks_and_csv_keypoints_named_nii(tmp_path: Path) 
         ds.pairs("nope")
 
 
-def test_pair_dataset_items(tmp_path: Path) -> None:
+def test_a_pair_finds_its_images_masks_and_keypoints(tmp_path: Path) -> None:
     ds = Learn2RegDataset(write_paired(tmp_path / "tiny"))
-    items = PairDataset(ds, "val")
-    assert len(items) == 2
-    item = items[0]
-    assert item["fixed"].shape == item["moving"].shape == (1,) + SHAPE
-    assert item["fixed"].dtype == torch.float32
-    torch.testing.assert_close(item["spacing"], torch.tensor(SPACING, dtype=torch.float32))
-    assert item["fixed_id"] == "TINY_0002_0000" and item["moving_id"] == "TINY_0002_0001"
-    assert item["fixed_mask"].shape == (1,) + SHAPE and set(item["fixed_mask"].unique().tolist()) == {0.0, 1.0}
-    assert item["fixed_keypoints"].shape == (5, 3)
-    torch.testing.assert_close(item["moving_keypoints"] - item["fixed_keypoints"],
-                               torch.tensor(SHIFT, dtype=torch.float32).expand(5, 3), atol=1e-3, rtol=0)
-    assert "fixed_labels" not in item
-    bare = PairDataset(ds, "val", masks=False, keypoints=False)[0]
-    assert "fixed_mask" not in bare and "fixed_keypoints" not in bare
+    pair = ds.pairs("val")[0]
+    fixed, moving = read_image(pair.fixed), read_image(pair.moving)
+    assert fixed.shape == moving.shape == SHAPE
+    np.testing.assert_allclose(fixed.spacing, SPACING)
+    assert image_id(pair.fixed) == "TINY_0002_0000" and image_id(pair.moving) == "TINY_0002_0001"
+    mask = read_image(ds.mask_path(pair.fixed)).array
+    assert mask.shape == SHAPE and set(np.unique(mask > 0)) == {False, True}
+    fixed_points, moving_points = (read_keypoints(ds.keypoints_path(p)) for p in (pair.fixed, pair.moving))
+    assert fixed_points.shape == (5, 3)
+    np.testing.assert_allclose(moving_points - fixed_points, np.broadcast_to(SHIFT, (5, 3)), atol=1e-3)
+    assert ds.label_path(pair.fixed) is None
 
 
 def test_unpaired_dataset_labels_train_pairs_and_evaluation_labels(tmp_path: Path) -> None:
@@ -59,9 +56,8 @@ def test_unpaired_dataset_labels_train_pairs_and_evaluation_labels(tmp_path: Pat
     assert {image_id(p.fixed) for p in train} == {"UNP_0003_0000", "UNP_0004_0000"}
     (pair,) = ds.pairs("val")
     assert ds.label_path(pair.moving) == ds.root / "labelsTr" / "UNP_0002_0000.nii.gz"
-    item = PairDataset(ds, [pair])[0]
-    assert item["fixed_labels"].dtype == torch.int64 and item["fixed_labels"].shape == (1,) + SHAPE
-    assert set(np.unique(item["fixed_labels"].numpy())) == {0, 1, 2, 3}
+    labels = read_image(ds.label_path(pair.fixed)).array
+    assert labels.shape == SHAPE and set(np.unique(np.rint(labels)).astype(int)) == {0, 1, 2, 3}
 
 
 def test_pairs_from_csv(tmp_path: Path) -> None:
@@ -110,10 +106,9 @@ def test_shared_brain_dataset(shared_data: Path) -> None:
     assert len(ds.pairs("train")) == 6
     assert ds.label_path(pair.fixed) is not None
     assert ds.label_path(ds.root / "imagesTr" / "BRAIN_0003_0000.nii.gz") is None
-    item = PairDataset(ds, "val")[0]
-    assert item["fixed"].shape == (1, 160, 192, 224)
-    assert item["moving_labels"].dtype == torch.int64
-    torch.testing.assert_close(item["spacing"], torch.ones(3))
+    fixed = read_image(pair.fixed)
+    assert fixed.shape == (160, 192, 224) and read_image(ds.label_path(pair.moving)).shape == fixed.shape
+    np.testing.assert_allclose(fixed.spacing, np.ones(3))
 
 
 def test_field_names_and_find_field(tmp_path: Path):

@@ -21,14 +21,9 @@ import re
 from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-import torch
-from torch.utils.data import Dataset
+from typing import Any
 
 from rwcnet.errors import InputError
-from rwcnet.data.formats import read_image, read_keypoints
 
 PAIR_SETS = {"val": "registration_val", "test": "registration_test"}
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
@@ -262,69 +257,3 @@ def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[Pai
     if not pairs:
         raise InputError(f"{path}: no pairs in this CSV file")
     return pairs
-
-
-class PairDataset(Dataset):
-    """A torch dataset of registration pairs from a :class:`Learn2RegDataset`.
-
-    Each item is a dict: ``fixed``, ``moving`` float32 tensors ``(1, X, Y, Z)``
-    (intensities as stored), ``spacing`` float32 ``(3,)`` mm of the fixed
-    image, ``fixed_id``, ``moving_id``, ``key`` strings; when the dataset has
-    them, ``fixed_labels``/``moving_labels`` int64 ``(1, X, Y, Z)``,
-    ``fixed_mask``/``moving_mask`` float32 ``(1, X, Y, Z)`` in {0, 1} and
-    ``fixed_keypoints``/``moving_keypoints`` float32 ``(N, 3)`` voxel indices.
-    An optional entry is present for a pair only when both sides have it.
-    """
-
-    def __init__(
-        self,
-        dataset: Learn2RegDataset,
-        pairs: str | Path | Sequence[Pair] = "train",
-        *,
-        labels: bool = True,
-        masks: bool = True,
-        keypoints: bool = True,
-    ) -> None:
-        self.dataset = dataset
-        self.pairs: list[Pair] = dataset.pairs(pairs) if isinstance(pairs, (str, Path)) else list(pairs)
-        self.load = {"labels": labels, "mask": masks, "keypoints": keypoints}
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        pair = self.pairs[index]
-        fixed = read_image(pair.fixed)
-        moving = read_image(pair.moving)
-        item: dict[str, Any] = {
-            "fixed": torch.from_numpy(np.asarray(fixed.array, dtype=np.float32))[None],
-            "moving": torch.from_numpy(np.asarray(moving.array, dtype=np.float32))[None],
-            "spacing": torch.tensor(fixed.spacing, dtype=torch.float32),
-            "fixed_id": image_id(pair.fixed),
-            "moving_id": image_id(pair.moving),
-            "key": pair.key,
-        }
-        lookups = {
-            "labels": (self.dataset.label_path, lambda p: _volume(p, np.int64)),
-            "mask": (self.dataset.mask_path, lambda p: _volume(p, np.float32, binary=True)),
-            "keypoints": (self.dataset.keypoints_path, _keypoints),
-        }
-        for what, (find, load) in lookups.items():
-            if not self.load[what]:
-                continue
-            paths = (find(pair.fixed), find(pair.moving))
-            if None not in paths:
-                item[f"fixed_{what}"], item[f"moving_{what}"] = (load(p) for p in paths)
-        return item
-
-
-def _keypoints(path: Path) -> torch.Tensor:
-    """A keypoint CSV as a float32 ``(N, 3)`` tensor of voxel indices."""
-    return torch.from_numpy(read_keypoints(path).astype(np.float32))
-
-
-def _volume(path: Path, dtype: type, *, binary: bool = False) -> torch.Tensor:
-    """A label map or mask file as a ``(1, X, Y, Z)`` tensor of ``dtype`` (masks made 0/1)."""
-    array = np.asarray(read_image(path).array)
-    array = (array > 0) if binary else np.rint(array)
-    return torch.from_numpy(array.astype(dtype))[None]
