@@ -13,7 +13,9 @@ from rwcnet import geometry
 from rwcnet.errors import InputError
 from rwcnet.model import ModelConfig, ModelMetadata, RWCNet, StageConfig, load_model, model_preset, save_model
 from rwcnet.model.tiling import plan_tiles, run_tiled
-from rwcnet.model.update import ConvexUpsampler, ConvGRU
+from rwcnet.model.cascade import ReferenceRWCNet
+from rwcnet.model.files import build_model
+from rwcnet.model.update import ConvexUpsampler, ConvGRU, ReferenceConvGRU
 
 
 def tiny_stage(**overrides) -> StageConfig:
@@ -87,16 +89,17 @@ def test_frozen_stages_get_no_gradient():
     assert any(p.grad is not None for p in model.stages[1].parameters())
 
 
-def test_conv_gru_matches_its_equations_and_reference_compat_reuses_the_update_gate():
+def test_conv_gru_matches_its_equations_and_the_reference_cell_reuses_the_update_gate():
     torch.manual_seed(0)
     cell = ConvGRU(4, 3, (3, 3, 3))
     h, x = torch.randn(1, 4, 5, 5, 5), torch.randn(1, 3, 5, 5, 5)
     z, r = torch.sigmoid(cell.gates(torch.cat([h, x], 1))).split(4, 1)
     q = torch.tanh(cell.candidate(torch.cat([r * h, x], 1)))
     torch.testing.assert_close(cell(h, x), (1 - z) * h + z * q)
-    cell.reference_compat = True
+    reference = ReferenceConvGRU(4, 3, (3, 3, 3))
+    reference.load_state_dict(cell.state_dict())  # the same weights
     q_compat = torch.tanh(cell.candidate(torch.cat([z * h, x], 1)))
-    torch.testing.assert_close(cell(h, x), (1 - z) * h + z * q_compat)
+    torch.testing.assert_close(reference(h, x), (1 - z) * h + z * q_compat)
 
 
 def test_convex_upsampling_of_a_constant_field_is_the_scaled_constant():
@@ -148,7 +151,11 @@ def test_rewarp_image_and_reference_compat_run_and_differ_from_the_default():
         with torch.no_grad():
             fields.append(model(fixed, moving).field)
     torch.manual_seed(0)
-    compat = RWCNet(ModelConfig(stages=[tiny_stage()], dropout=0.0, flow_head_init_scale=1.0, reference_compat=True))
+    compat_config = ModelConfig(stages=[tiny_stage()], dropout=0.0, flow_head_init_scale=1.0, reference_compat=True)
+    compat = build_model(compat_config)
+    assert isinstance(compat, ReferenceRWCNet)
+    with pytest.raises(ValueError, match="ReferenceRWCNet"):
+        RWCNet(compat_config)
     with torch.no_grad():
         fields.append(compat.eval()(fixed, moving).field)
     assert not torch.allclose(fields[0], fields[1])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rwcnet.errors import InputError
-from rwcnet.model.cascade import RWCNet
+from rwcnet.model.cascade import ReferenceRWCNet, RWCNet
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
 from rwcnet.model.presets import model_preset
@@ -36,7 +36,9 @@ def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCN
         spec = model_preset(spec)
     elif isinstance(spec, dict):
         spec = LapIRNConfig.model_validate(spec) if spec.get("kind") == "lapirn" else ModelConfig.model_validate(spec)
-    return LapIRN(spec) if isinstance(spec, LapIRNConfig) else RWCNet(spec)
+    if isinstance(spec, LapIRNConfig):
+        return LapIRN(spec)
+    return ReferenceRWCNet(spec) if spec.reference_compat else RWCNet(spec)
 
 
 def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: ModelMetadata | None = None) -> None:
