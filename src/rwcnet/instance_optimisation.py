@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rwcnet.geometry import forward_difference_means, identity_grid, resize_field, resize_volume, sample
 from rwcnet.geometry.layout import crop, pad_to_multiple
 from rwcnet.mind import fill_outside_mask, mind_ssc
+from rwcnet.presets import Presets
 
 Tensor = torch.Tensor
 #: ``progress(step, total, loss)`` is called after every Adam step.
@@ -58,22 +59,15 @@ class IOConfig(BaseModel):
 
 
 #: Presets: brain (MR, λ 1.25, 80 steps, the official command-line default) and lung (CT, λ 0.65, 50 steps).
-IO_PRESETS: dict[str, IOConfig] = {
+IO_PRESETS: Presets[IOConfig] = Presets("instance-optimisation", {
     "brain": IOConfig(iterations=80, lam=1.25),
     "lung": IOConfig(iterations=50, lam=0.65),
-}
+})
 
 
 def io_config(preset: Literal["brain", "lung"] | IOConfig = "brain", **overrides) -> IOConfig:
     """The :class:`IOConfig` of a preset name (or a given config) with the non-``None`` ``overrides`` applied."""
-    if isinstance(preset, IOConfig):
-        base = preset
-    elif preset in IO_PRESETS:
-        base = IO_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown instance-optimisation preset {preset!r}; use one of {sorted(IO_PRESETS)}")
-    changes = {key: value for key, value in overrides.items() if value is not None}
-    return IOConfig(**{**base.model_dump(), **changes}) if changes else base
+    return IO_PRESETS.resolve(preset, **overrides)
 
 
 def as_volume(array: Tensor | np.ndarray, name: str, *, device=None) -> Tensor:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rwcnet.geometry import forward_difference_means, sample_field, warp
 from rwcnet.mind import mind_ssc
+from rwcnet.presets import Presets
 
 Tensor = torch.Tensor
 
@@ -277,22 +278,15 @@ class LossConfig(BaseModel):
 
 
 #: The paper's training losses: OASIS (MSE 10 + Dice 1 + L1 reg 0.1) and NLST (MSE 10 + TRE 1 + L1 reg 0.1).
-LOSS_PRESETS: dict[str, LossConfig] = {
+LOSS_PRESETS: Presets[LossConfig] = Presets("loss", {
     "oasis": LossConfig(mse=10.0, dice=1.0, tre=0.0, regulariser=0.1),
     "nlst": LossConfig(mse=10.0, dice=0.0, tre=1.0, regulariser=0.1),
-}
+})
 
 
 def loss_config(preset: str | LossConfig = "oasis", **overrides) -> LossConfig:
     """The :class:`LossConfig` of a preset name (or a given config) with the non-``None`` ``overrides`` applied."""
-    if isinstance(preset, LossConfig):
-        base = preset
-    elif preset in LOSS_PRESETS:
-        base = LOSS_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown loss preset {preset!r}; use one of {sorted(LOSS_PRESETS)}")
-    changes = {key: value for key, value in overrides.items() if value is not None}
-    return LossConfig(**{**base.model_dump(), **changes}) if changes else base
+    return LOSS_PRESETS.resolve(preset, **overrides)
 
 
 def _require(term: str, **inputs: object) -> None:

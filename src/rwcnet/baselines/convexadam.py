@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rwcnet.geometry import resize_field, warp
 from rwcnet.geometry.layout import crop, integer_shifts, pad_to_multiple
 from rwcnet.mind import box_filter
+from rwcnet.presets import Presets
 from rwcnet.instance_optimisation import (
     IO_PRESETS,
     IOConfig,
@@ -75,10 +76,10 @@ class ConvexAdamConfig(BaseModel):
 
 
 #: Presets: brain (g 6, h 4, brain IO) and lung (g 4, h 6, lung IO).
-CONVEXADAM_PRESETS: dict[str, ConvexAdamConfig] = {
+CONVEXADAM_PRESETS: Presets[ConvexAdamConfig] = Presets("ConvexAdam", {
     "brain": ConvexAdamConfig(),
     "lung": ConvexAdamConfig(grid_spacing=4, disp_radius=6, io=IO_PRESETS["lung"]),
-}
+})
 
 
 def convexadam_config(preset: Literal["brain", "lung"] | ConvexAdamConfig = "brain", **overrides) -> ConvexAdamConfig:
@@ -87,17 +88,12 @@ def convexadam_config(preset: Literal["brain", "lung"] | ConvexAdamConfig = "bra
     Override keys are field names of :class:`ConvexAdamConfig`, or
     ``io_<name>`` for a field of its :class:`IOConfig` (``io_iterations``, ``io_lam``...).
     """
-    if isinstance(preset, ConvexAdamConfig):
-        base = preset
-    elif preset in CONVEXADAM_PRESETS:
-        base = CONVEXADAM_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown ConvexAdam preset {preset!r}; use one of {sorted(CONVEXADAM_PRESETS)}")
-    io_changes = {k[3:]: v for k, v in overrides.items() if k.startswith("io_") and v is not None}
-    changes = {k: v for k, v in overrides.items() if not k.startswith("io_") and v is not None}
-    if io_changes:
-        changes["io"] = IOConfig(**{**base.io.model_dump(), **io_changes})
-    return ConvexAdamConfig(**{**base.model_dump(), **changes}) if changes else base
+    base = preset if isinstance(preset, ConvexAdamConfig) else CONVEXADAM_PRESETS[preset]
+    io_changes = {k[3:]: v for k, v in overrides.items() if k.startswith("io_")}
+    changes = {k: v for k, v in overrides.items() if not k.startswith("io_")}
+    if any(value is not None for value in io_changes.values()):
+        changes["io"] = IO_PRESETS.resolve(base.io, **io_changes)
+    return CONVEXADAM_PRESETS.resolve(base, **changes)
 
 
 def shift_table(radius: int, *, device=None) -> Tensor:

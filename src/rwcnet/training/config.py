@@ -28,6 +28,7 @@ from rwcnet.errors import InputError
 from rwcnet.losses import LossConfig, loss_config
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.presets import model_preset
+from rwcnet.presets import Presets
 from rwcnet.synthetic import IntensitySettings
 
 
@@ -333,14 +334,15 @@ SYNTH_BRAIN_VALIDATE_EVERY = 100
 #: Steps of the two ``cpu-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
 CPU_BRAIN_STEPS = (250, 90)
 
-TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain}
+TRAINING_PRESETS: Presets[TrainingConfig] = Presets(
+    "training", {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain})
 
 
 def training_preset(name: str) -> TrainingConfig:
     """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain`` or ``synth-brain``."""
     if name not in TRAINING_PRESETS:
         raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
-    return TRAINING_PRESETS[name]()
+    return TRAINING_PRESETS[name]
 
 
 def load_config(source: str | Path) -> TrainingConfig:
