@@ -59,7 +59,7 @@ def main() -> None:
 
     from rwcnet.intensity import normalise
     from rwcnet.optimize import instance_optimise
-    from rwcnet.register import resolve_model
+    from rwcnet.pipeline.network import resolve_model
 
     network, _, note = resolve_model(args.model, torch.device("cpu"))
     if network is None:

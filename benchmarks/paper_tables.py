@@ -197,7 +197,7 @@ def model_path(method: Method, cache: Path, dataset: str = "BRAIN") -> Path | No
     if method.model is None:
         return None
     if method.model.startswith("shipped:"):
-        from rwcnet.register import shipped_model_path
+        from rwcnet.pipeline.network import shipped_model_path
 
         return shipped_model_path(method.model.split(":", 1)[1])
     return cache / "train" / method.model / "model.pt"

@@ -11,7 +11,8 @@ from rwcnet import geometry
 from rwcnet.cli import app
 from rwcnet.io import Image, read_field, write_image
 from rwcnet.model import ModelConfig, RWCNet, StageConfig, save_model
-from rwcnet.register import register, working_grid
+from rwcnet.grids import working_grid
+from rwcnet.register import register
 
 runner = CliRunner()
 
@@ -82,13 +83,13 @@ def _tiny_model(path, metadata):
 
 
 def test_the_network_grid_is_never_finer_than_the_fixed_image_and_io_runs_on_the_fixed_grid(tmp_path, monkeypatch):
-    import rwcnet.register as register_module
+    from rwcnet.pipeline import methods
 
     path = _tiny_model(tmp_path / "model.pt", {"orientation": "LIA", "spacing_mm": 1.0})
     seen = {}
-    forward, optimise = RWCNet.forward, register_module.instance_optimise
+    forward, optimise = RWCNet.forward, methods.instance_optimise
     monkeypatch.setattr(RWCNet, "forward", lambda self, f, m, **k: seen.setdefault("network", tuple(f.shape[2:])) and forward(self, f, m, **k))
-    monkeypatch.setattr(register_module, "instance_optimise",
+    monkeypatch.setattr(methods, "instance_optimise",
                         lambda f, m, u, **k: seen.setdefault("io", (tuple(f.shape[2:]), tuple(u.shape[2:]))) and optimise(f, m, u, **k))
     fixed = Image(blobs((20, 16, 12), 5), np.diag([2.0, 2.0, 2.0, 1.0]))  # RAS at 2 mm
     result = register(fixed, fixed, model=path, io_iterations=1, device="cpu")
@@ -113,16 +114,16 @@ def test_a_model_of_another_modality_runs_with_a_one_line_warning(tmp_path, imag
 
 
 def test_network_memory_is_released_before_instance_optimisation(tmp_path, monkeypatch):
-    import rwcnet.register as register_module
+    from rwcnet.pipeline import methods, network
 
     stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
                         motion_channels=8, head_channels=8, flow_kernel=3)
     path = tmp_path / "model.pt"
     save_model(path, RWCNet(ModelConfig(stages=[stage], dropout=0.0)), {})
     events = []
-    optimise = register_module.instance_optimise
-    monkeypatch.setattr(register_module, "release_freed_memory", lambda: events.append("release") or True)
-    monkeypatch.setattr(register_module, "instance_optimise", lambda *a, **k: events.append("io") or optimise(*a, **k))
+    optimise = methods.instance_optimise
+    monkeypatch.setattr(network, "release_freed_memory", lambda: events.append("release") or True)
+    monkeypatch.setattr(methods, "instance_optimise", lambda *a, **k: events.append("io") or optimise(*a, **k))
     fixed = Image(blobs((16, 16, 16), 3), np.eye(4))
     register(fixed, fixed, model=path, io_iterations=1, device="cpu")
     assert events == ["release", "io"]
@@ -137,7 +138,6 @@ def test_network_memory_is_released_before_instance_optimisation(tmp_path, monke
     ],
 )
 def test_the_network_sees_intensities_normalised_as_it_was_trained(tmp_path, monkeypatch, recorded, expected):
-    import rwcnet.register as register_module
 
     stage = StageConfig(downsample=2, iterations=1, radius=1, feature_channels=4, encoder_width=4, hidden_channels=4,
                         motion_channels=8, head_channels=8, flow_kernel=3)
@@ -150,7 +150,7 @@ def test_the_network_sees_intensities_normalised_as_it_was_trained(tmp_path, mon
     hounsfield = (blobs((16, 16, 16), 4) * 3000.0 - 1500.0).astype(np.float32)
     fixed = Image(hounsfield, np.eye(4))
     mask = Image(np.ones_like(hounsfield, np.uint8), np.eye(4))  # a given mask: no lung-mask computation
-    result = register_module.register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
+    result = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
     np.testing.assert_allclose(seen[0][0, 0].numpy(), expected(hounsfield), rtol=1e-5, atol=1e-6)
     assert any("as the model was trained" in note for note in result.notes) == (recorded["kind"] != "none")
 

@@ -4,7 +4,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.model import load_model
-from rwcnet.register import shipped_model_path
+from rwcnet.pipeline.network import shipped_model_path
 from rwcnet.synthetic import random_deformation
 
 

@@ -134,3 +134,29 @@ def sampling_field(field: np.ndarray, grid: Grid | None, moving: Image, what: st
     note = (f"{name} ({what}) is not on the fixed grid of {grid.source} ({difference}): sampled through {PHYSICAL} "
             "at A_mov^-1 A_fix (x + u(x))")
     return moved[0].permute(1, 2, 3, 0).numpy(), note
+
+
+def orientation_matrix(orientation: str) -> np.ndarray:
+    """Columns: the RAS unit vector of each array axis of an orientation code such as ``"LIA"``."""
+    direction = np.zeros((3, 3))
+    for axis, (ras_axis, sign) in enumerate(nib.orientations.axcodes2ornt(tuple(orientation))):
+        direction[int(ras_axis), axis] = sign
+    return direction
+
+
+def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """An axis-aligned grid in ``orientation`` (e.g. ``"LIA"``) at ``spacing`` mm covering the fixed image's box.
+
+    Returns its voxel-to-RAS affine and shape.
+    """
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    direction = orientation_matrix(orientation)
+    corners = np.array([[i, j, k, 1.0] for i in (0, fixed.shape[0] - 1) for j in (0, fixed.shape[1] - 1) for k in (0, fixed.shape[2] - 1)])
+    points = (fixed.affine @ corners.T)[:3]
+    projected = direction.T @ points  # mm along each working axis
+    low, high = projected.min(axis=1), projected.max(axis=1)
+    shape = tuple(int(np.ceil((h - l) / s - 1e-6)) + 1 for l, h, s in zip(low, high, spacing))
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    affine[:3, 3] = direction @ low
+    return affine, shape  # type: ignore[return-value]
