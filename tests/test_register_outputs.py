@@ -33,12 +33,13 @@ def pair(tmp_path_factory):
 
 def test_the_extras_are_written_and_agree_with_independent_computations(pair, tmp_path, monkeypatch, capsys):
     outputs = {name: tmp_path / name for name in ("disp.nii.gz", "jac.nii.gz", "inv.nii.gz", "inv_itk.h5",
-                                                  "all.h5", "affine.txt", "report.json")}
+                                                  "all.h5", "affine.txt", "report.json", "qc.png", "qc_affine.png")}
     code, _, stderr = run(monkeypatch, capsys, "register", "--fixed", pair / "fixed.nii.gz", "--moving",
                           pair / "moving.nii.gz", "-o", outputs["disp.nii.gz"], "--model", "none", "--io-iters", "20",
                           "--refine-iters", "5x5x5", "--jacobian", outputs["jac.nii.gz"], "--inverse",
                           outputs["inv.nii.gz"], "--itk-inverse", outputs["inv_itk.h5"], "--itk-field",
-                          outputs["all.h5"], "--affine-out", outputs["affine.txt"], "--report", outputs["report.json"])
+                          outputs["all.h5"], "--affine-out", outputs["affine.txt"], "--report", outputs["report.json"],
+                          "--qc", outputs["qc.png"])
     assert code == 0, stderr
     assert all(path.exists() for path in outputs.values())
     field = read_field(outputs["disp.nii.gz"]).astype(np.float64)
@@ -62,4 +63,9 @@ def test_the_extras_are_written_and_agree_with_independent_computations(pair, tm
     assert {"instance optimisation", "refinement", "jacobian", "inverse"} <= set(names)
     assert all(step["seconds"] >= 0 and step["peak_rss_mb"] > 0 for step in report["steps"])
     assert report["jacobian"]["min"] == pytest.approx(float(determinant.array.min()), abs=1e-4)
-    assert report["inverse"]["fixed_median_vox"] < 0.1
+    assert report["inverse"]["fixed_median_vox"] < 0.1 and report["inverse"]["moving_median_vox"] < 0.1
+    # the affine file is the report's affine, in ITK's LPS convention
+    itk = np.array(report["affine"]["itk_lps_fixed_to_moving"])
+    probe = np.array([3.0, -5.0, 7.0])
+    np.testing.assert_allclose(sitk.ReadTransform(str(outputs["affine.txt"])).TransformPoint(tuple(probe)),
+                               itk[:3, :3] @ probe + itk[:3, 3], atol=1e-6)

@@ -39,6 +39,8 @@ class RegistrationResult:
     notes: list[str] = dataclass_field(default_factory=list)
     warnings: list[str] = dataclass_field(default_factory=list)  # one line each; the command prints them as "warning: ..."
     peak_gb: dict[str, float] = dataclass_field(default_factory=dict)  # per stage, see rwcnet.pipeline.Instrumentation
+    affine: np.ndarray | None = None  # 4x4 fixed->moving RAS mm of the pre-alignment (included in ``field``)
+    original_moving: Image | None = None  # the moving image as given, on its own grid
 
 
 def pick_device(device: str) -> torch.device:
@@ -69,6 +71,11 @@ def register(
     refine: bool = True,
     refine_metric: str = "auto",
     refine_iterations: tuple[int, ...] | None = None,
+    affine: bool = True,
+    transform: str = "affine",
+    affine_metric: str = "mind",
+    init: str | Path | np.ndarray | None = None,
+    affine_only: bool = False,
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -83,11 +90,19 @@ def register(
     its own) and the IO/refinement presets (brain/lung; CT without masks gets lung masks).
     ``refine_metric`` is ``auto`` (NCC for CT or agreeing intensities, else MIND), ``ncc`` or
     ``mind``; ``refine_iterations`` per level overrides the preset's. Seeds torch with ``seed``.
+
+    ``affine`` (on by default) pre-aligns the pair first (``rwcnet`` chain): ``transform`` ``rigid`` or
+    ``affine``, ``affine_metric`` ``mind``/``ncc``/``mi``, starting from ``init`` (an ITK/ANTs transform file
+    or a 4x4 fixed->moving RAS matrix; else the centres of mass). With ``affine=False`` an ``init`` is applied
+    as it is. ``affine_only`` stops after it. The field holds the whole transform, affine included.
     """
-    names = chain_names(method)
+    names = ("affine",) if affine_only else chain_names(method)
+    if affine_only and not affine and init is None:
+        raise InputError("--affine-only needs the affine step (drop --no-affine) or an --init transform")
     settings = Settings.checked(model=model, io=io, io_iterations=io_iterations, modality=modality, ct_range=ct_range,
                                 refine=refine, refine_metric=refine_metric, refine_iterations=refine_iterations,
-                                device=pick_device(device))
+                                device=pick_device(device), affine=affine, linear_transform=transform,
+                                affine_metric=affine_metric, init_matrix=initial_matrix(init), seed=seed)
     torch.manual_seed(seed)
     record = Instrumentation(on_stage, on_step, settings.device)
     start = time.perf_counter()
@@ -100,11 +115,40 @@ def register(
         with record.timed(step.key, step.stage):
             field = step.run(pair, field, record)
     record.stage("output")
+    if pair.affine is not None:
+        field = with_affine(field, pair)
     warped = warp_original(pair, field)
     record.seconds["total"] = time.perf_counter() - start
     field = torch.zeros(1, 3, *pair.shape) if field is None else field
     return RegistrationResult(field[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32), warped, pair.fixed,
-                              pair.moving, record.seconds, record.notes, record.warnings, record.peak_gb)
+                              pair.moving, record.seconds, record.notes, record.warnings, record.peak_gb,
+                              pair.affine, pair.original_moving)
+
+
+def initial_matrix(init: str | Path | np.ndarray | None) -> np.ndarray | None:
+    """``init`` as a 4x4 fixed->moving RAS matrix: read from an ITK/ANTs file (FSL refused), or taken as given."""
+    if init is None:
+        return None
+    if isinstance(init, (str, Path)):
+        from rwcnet.affine import read_itk_transform
+
+        return read_itk_transform(init)
+    matrix = np.asarray(init, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix)) < 1e-9:
+        raise InputError(f"initial transform: expected an invertible 4x4 affine matrix, got shape {matrix.shape}")
+    return matrix
+
+
+def with_affine(field: torch.Tensor | None, pair: PreparedPair) -> torch.Tensor:
+    """The whole transform: ``field`` ``(1, 3, X, Y, Z)`` (fixed voxels, relative to the pre-aligned moving image,
+    ``None`` for identity) composed with the pair's affine: ``x -> A_fix^-1 T A_fix (x + u(x))``, float32."""
+    device = pair.device if field is None else field.device
+    voxel_map = np.linalg.inv(pair.fixed.affine) @ pair.affine @ pair.fixed.affine
+    matrix = torch.from_numpy(voxel_map).to(device)
+    grid = geometry.identity_grid(pair.shape, device=device, dtype=torch.float64)
+    points = grid if field is None else grid + field.to(torch.float64)
+    mapped = torch.einsum("ij,bjxyz->bixyz", matrix[:3, :3], points) + matrix[:3, 3].view(1, 3, 1, 1, 1)
+    return (mapped - grid).to(torch.float32)
 
 
 def warp_original(pair: PreparedPair, field: torch.Tensor | None) -> np.ndarray:

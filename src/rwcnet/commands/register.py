@@ -118,6 +118,15 @@ def register(
     refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network and IO."),
     refine_metric: str = typer.Option("auto", "--refine-metric", help="auto (NCC for CT or same-contrast pairs, else MIND), ncc or mind."),
     refine_iters: Optional[str] = typer.Option(None, "--refine-iters", help="Refinement iterations per level, coarse to fine, e.g. 100x50x20."),
+    affine: bool = typer.Option(True, "--affine/--no-affine", help="Rigid then affine pre-alignment before the "
+                                "deformable steps (Learn2Reg pairs come pre-aligned: --no-affine)."),
+    transform: str = typer.Option("affine", "--transform", help="Last linear stage of the pre-alignment: rigid or affine."),
+    affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the pre-alignment (no deformable step)."),
+    affine_metric: str = typer.Option("mind", "--affine-metric", help="Pre-alignment metric: mind (MR, CT, contrast "
+                                      "changes), ncc or mi."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Initial ITK/ANTs affine (.txt/.tfm, .mat in ITK's "
+                                        "MATLAB format; FSL matrices are refused): the search starts there, or with "
+                                        "--no-affine it is applied as it is."),
     modality: str = typer.Option("mr", "--modality", help="mr (brain-like) or ct (lung-like): normalisation and IO preset."),
     ct_range: str = typer.Option("window", "--ct-range", help="CT normalisation: window (-1000..600 HU) or paper (-4000..16000)."),
     warped: Optional[Path] = typer.Option(None, "--warped", help="Also write the warped moving image."),
@@ -141,7 +150,8 @@ def register(
     report: Optional[Path] = typer.Option(
         None, "--report", help="Also write a JSON report: seconds and peak memory per step, the affine, Jacobian "
                                "statistics, versions, input SHA-256 and the command line."),
-    qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a QC picture (.png)."),
+    qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a QC picture (.png); with the pre-alignment also "
+                                      "NAME_affine.png, checkerboards of fixed and moving before and after it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Random seed (recorded; the pipeline is deterministic on CPU)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Batch mode: a Learn2Reg dataset folder."),
@@ -162,7 +172,8 @@ def register(
     options = dict(
         model=None if model.lower() == "none" else model, io=io, io_iterations=io_iters, modality=modality,
         ct_range=ct_range, device=device, seed=seed, refine=refine, refine_metric=refine_metric,
-        refine_iterations=_iterations(refine_iters),
+        refine_iterations=_iterations(refine_iters), affine=affine, transform=transform, affine_only=affine_only,
+        affine_metric=affine_metric, init=init,
     )
     single_pair_outputs = {"--affine-out": affine_out, "--jacobian": jacobian, "--inverse": inverse,
                            "--itk-inverse": itk_inverse, "--report": report}
@@ -187,13 +198,15 @@ def register(
                               report=report, seed=seed,
                               inputs={"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask,
                                       "moving_mask": moving_mask},
-                              meter=StageMeter() if report is not None else None)
+                              meter=StageMeter() if report is not None else None,
+                              qc_affine=qc.with_name(qc.name[:-len(".png")] + "_affine.png")
+                              if qc is not None and qc.name.lower().endswith(".png") and (affine or init) else None)
     check_registration_outputs(output, warped, itk_field, qc, extras)
     result = run_with_progress(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, meter=extras.meter,
                                **options)
-    if inverse is not None or itk_inverse is not None or extras.qc_affine is not None:
-        extras.moving = read_image(moving)
-        extras.moving_mask = read_image(moving_mask) if moving_mask is not None else None
+    extras.moving, extras.affine = result.original_moving, result.affine
+    if moving_mask is not None and (inverse is not None or itk_inverse is not None):
+        extras.moving_mask = read_image(moving_mask)
     if fixed_mask is not None:
         extras.fixed_mask = read_image(fixed_mask)
     for line in write_outputs(result, output, warped=warped, itk_field=itk_field, qc=qc, extras=extras):
