@@ -109,7 +109,7 @@ def test_a_model_of_another_modality_runs_with_a_one_line_warning(tmp_path, imag
     assert register(fixed, fixed, model=path, io=False, modality="mr", device="cpu", affine=False).warnings == []
     result = runner.invoke(app, ["register", "--fixed", str(images / "fixed.nii.gz"), "--moving", str(images / "moving.nii.gz"),
                                  "--fixed-mask", str(images / "fixed.nii.gz"), "--output", str(images / "d.nii.gz"),
-                                 "--model", str(path), "--no-io", "--modality", "ct"])
+                                 "--model", str(path), "--no-io", "--modality", "ct", "--no-affine"])
     assert result.exit_code == 0, result.output
     assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [f"warning: {as_ct.warnings[0]}"]
 
