@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from rwcnet.affine.transforms import to_itk
+from rwcnet.affine.transforms import to_itk, transform_points
 from rwcnet.errors import InputError
 from rwcnet.geometry import FieldInverse, invert_field_on_moving_grid, sample_field
 from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, Image, _to_sitk, write_itk_field
@@ -36,10 +36,6 @@ def _voxel_grid(shape) -> np.ndarray:
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def _map_voxels(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
 def compose_affine(field: np.ndarray, fixed: Image, matrix: np.ndarray) -> np.ndarray:
     """The whole transform of a deformable field applied after an affine's resampling: ``(X, Y, Z, 3)`` float32.
 
@@ -48,14 +44,14 @@ def compose_affine(field: np.ndarray, fixed: Image, matrix: np.ndarray) -> np.nd
     """
     voxel_map = np.linalg.inv(fixed.affine) @ np.asarray(matrix, np.float64) @ fixed.affine
     grid = _voxel_grid(fixed.shape)
-    return (_map_voxels(voxel_map, grid + field) - grid).astype(np.float32)
+    return (transform_points(voxel_map, grid + field) - grid).astype(np.float32)
 
 
 def residual_field(field: np.ndarray, fixed: Image, matrix: np.ndarray) -> np.ndarray:
     """The deformable part ``r`` ``(X, Y, Z, 3)`` (fixed voxels) of a whole transform: ``x + r(x) = A_fix^-1 T^-1 A_fix (x + u(x))``."""
     undo = np.linalg.inv(fixed.affine) @ np.linalg.inv(np.asarray(matrix, np.float64)) @ fixed.affine
     grid = _voxel_grid(fixed.shape)
-    return (_map_voxels(undo, grid + field) - grid).astype(np.float32)
+    return (transform_points(undo, grid + field) - grid).astype(np.float32)
 
 
 def _displacement_transform(field: np.ndarray, reference: Image) -> sitk.DisplacementFieldTransform:
@@ -157,8 +153,8 @@ def inverse_errors(field: np.ndarray, inverse: np.ndarray, fixed: Image, moving:
             ("fixed", fixed, fixed_mask, field, inverse, to_moving, to_fixed),
             ("moving", moving, moving_mask, inverse, field, to_fixed, to_moving)):
         points = np.argwhere(np.ones(source.shape, bool) if mask is None else np.asarray(mask) > 0).astype(np.float64)
-        reached = _map_voxels(to_there, points + _sample(there, points))
-        returned = _map_voxels(to_back, reached + _sample(back, reached))
+        reached = transform_points(to_there, points + _sample(there, points))
+        returned = transform_points(to_back, reached + _sample(back, reached))
         errors = np.linalg.norm(returned - points, axis=1)
         result[f"{side}_median_vox"] = float(np.median(errors))
         result[f"{side}_p95_vox"] = float(np.quantile(errors, 0.95))

@@ -21,6 +21,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
+from rwcnet.exports import compose_affine
 from rwcnet.io import Image
 from rwcnet.pipeline import Instrumentation, Settings, StageCallback, StepCallback, build_chain
 from rwcnet.pipeline.method import chain_intensities, chain_names
@@ -115,8 +116,11 @@ def register(
         with record.timed(step.key, step.stage):
             field = step.run(pair, field, record)
     record.stage("output")
-    if pair.affine is not None:
-        field = with_affine(field, pair)
+    if pair.affine is not None:  # the whole transform: x -> A_fix^-1 T A_fix (x + u(x))
+        deformable = np.zeros((*pair.shape, 3), np.float32) if field is None else \
+            field[0].permute(1, 2, 3, 0).cpu().numpy()
+        total = compose_affine(deformable, pair.fixed, pair.affine)
+        field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(total, -1, 0)))[None].to(pair.device)
     warped = warp_original(pair, field)
     record.seconds["total"] = time.perf_counter() - start
     field = torch.zeros(1, 3, *pair.shape) if field is None else field
@@ -137,26 +141,3 @@ def initial_matrix(init: str | Path | np.ndarray | None) -> np.ndarray | None:
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix)) < 1e-9:
         raise InputError(f"initial transform: expected an invertible 4x4 affine matrix, got shape {matrix.shape}")
     return matrix
-
-
-def with_affine(field: torch.Tensor | None, pair: PreparedPair) -> torch.Tensor:
-    """The whole transform: ``field`` ``(1, 3, X, Y, Z)`` (fixed voxels, relative to the pre-aligned moving image,
-    ``None`` for identity) composed with the pair's affine: ``x -> A_fix^-1 T A_fix (x + u(x))``, float32."""
-    device = pair.device if field is None else field.device
-    voxel_map = np.linalg.inv(pair.fixed.affine) @ pair.affine @ pair.fixed.affine
-    matrix = torch.from_numpy(voxel_map).to(device)
-    grid = geometry.identity_grid(pair.shape, device=device, dtype=torch.float64)
-    points = grid if field is None else grid + field.to(torch.float64)
-    mapped = torch.einsum("ij,bjxyz->bixyz", matrix[:3, :3], points) + matrix[:3, 3].view(1, 3, 1, 1, 1)
-    return (mapped - grid).to(torch.float32)
-
-
-def warp_original(pair: PreparedPair, field: torch.Tensor | None) -> np.ndarray:
-    """The original moving image sampled once by ``field`` (fixed voxels), through physical space if off the fixed grid."""
-    pair.release()
-    sampling = torch.zeros(1, 3, *pair.shape, device=pair.device) if field is None else field.to(torch.float32)
-    with torch.no_grad():
-        if pair.original_moving is not pair.moving:
-            sampling = geometry.moving_voxel_field(
-                sampling, torch.from_numpy(pair.fixed.affine), torch.from_numpy(pair.original_moving.affine))
-        return geometry.warp(volume_tensor(pair.original_moving.array, pair.device), sampling)[0, 0].cpu().numpy()
