@@ -141,3 +141,14 @@ def initial_matrix(init: str | Path | np.ndarray | None) -> np.ndarray | None:
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix)) < 1e-9:
         raise InputError(f"initial transform: expected an invertible 4x4 affine matrix, got shape {matrix.shape}")
     return matrix
+
+
+def warp_original(pair: PreparedPair, field: torch.Tensor | None) -> np.ndarray:
+    """The original moving image sampled once by ``field`` (fixed voxels), through physical space if off the fixed grid."""
+    pair.release()
+    sampling = torch.zeros(1, 3, *pair.shape, device=pair.device) if field is None else field.to(torch.float32)
+    with torch.no_grad():
+        if pair.original_moving is not pair.moving:
+            sampling = geometry.moving_voxel_field(
+                sampling, torch.from_numpy(pair.fixed.affine), torch.from_numpy(pair.original_moving.affine))
+        return geometry.warp(volume_tensor(pair.original_moving.array, pair.device), sampling)[0, 0].cpu().numpy()
