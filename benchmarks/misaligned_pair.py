@@ -1,21 +1,22 @@
-"""Dice on the shared brain pair when the moving scan is turned and shifted: today's register vs affine first.
+"""Dice on the shared brain pair when the moving scan is turned and shifted, with and without the affine step.
 
 The moving side (``BRAIN_0002``, image and labels) gets a new header: its grid is turned by ``--degrees``
 (12) about an oblique axis through the brain's centre and shifted by ``--shift`` (14 mm), the voxel data
-untouched, as a scan from another session would be. Then, on the fixed ``BRAIN_0001``, three runs:
+untouched, as a scan from another session would be. Then, on the fixed ``BRAIN_0001``, from one run:
 
-* ``aligned``: ``register`` on the pair as stored;
-* ``misaligned, no affine``: ``register`` on the turned pair (it resamples the moving image onto the fixed
-  grid in physical space and registers that);
-* ``misaligned, affine first``: :func:`rwcnet.affine.register_affine` (defaults), the moving image resampled
-  onto the fixed grid through it, ``register`` on that, and the two composed into one Learn2Reg field
-  (``x + u(x) = A_fix^-1 T A_fix (x + u_def(x))``, fixed voxels).
+* ``misaligned, nothing``: the identity (moving labels through physical space);
+* ``aligned``: ``register`` with the defaults (affine pre-alignment on) on the pair as stored, and with
+  ``affine=False`` (``--no-affine``);
+* ``misaligned``: ``register`` on the turned pair with ``affine=False`` and with the defaults;
+* ``inverted``: the stored pair with the moving intensities inverted inside the head
+  (``where(m > 0, max(m[m > 0]) - m, 0)``), with and without the affine step.
 
-Dice is the mean over the dataset JSON's ``evaluation_labels``, the moving labels sampled through physical
-space where they lie on another grid (:func:`rwcnet.grids.sampling_field`), nearest neighbour. When
-``register`` gains its affine step, the last two rows become ``--no-affine`` and the defaults.
+Each row prints the mean Dice over the dataset JSON's ``evaluation_labels`` (moving labels sampled through
+physical space where they lie on another grid, nearest neighbour), the seconds of the whole call, and for
+runs with the affine step its seconds beside those of the deformable steps (network, IO, refinement).
+Pause other work before timing (see HELPER_RULES) and read the printed load average.
 
-    python benchmarks/misaligned_pair.py [--degrees 12] [--shift 14] [--model brain] [--threads 2]
+    python benchmarks/misaligned_pair.py [--degrees 12] [--shift 14] [--model brain] [--threads 2] [--affine-only]
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwcnet.evaluation import metrics
-from rwcnet.affine import affine_field, matrix_about, register_affine, resample_moving, rotation_matrix
-from rwcnet.geometry.grids import Grid, sampling_field
+from rwcnet.affine import matrix_about, rotation_matrix
 from rwcnet.data.formats import Image, read_image
+from rwcnet.evaluation import metrics
+from rwcnet.geometry.grids import Grid, sampling_field
 from rwcnet.register import register
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain"
 AXIS = (1.0, 2.0, -1.0)
 SHIFT_DIRECTION = (1.0, -1.0, 1.0)
+DEFORMABLE = ("network", "instance_optimisation", "refinement")
 
 
 def dice(field: np.ndarray, fixed: Image, moving_labels: Image, fixed_labels: Image, labels: list[int]) -> float:
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--shift", type=float, default=14.0)
     parser.add_argument("--model", default="brain")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--affine-only", action="store_true",
+                        help="only the affine step per pair (register(affine_only=True)): minutes instead of an hour on "
+                             "a loaded 2-core machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     labels = json.loads((DATA / "BRAIN_dataset.json").read_text())["evaluation_labels"]
@@ -74,24 +79,27 @@ def main() -> None:
 
     identity = np.zeros(fixed.shape + (3,), np.float32)
     row("misaligned, nothing", dice(identity, fixed, turned_labels, fixed_labels, labels), 0.0)
-    start = time.perf_counter()
-    aligned = register(fixed, moving, model=args.model)
-    row("aligned", dice(aligned.field, fixed, moving_labels, fixed_labels, labels), time.perf_counter() - start)
-    start = time.perf_counter()
-    plain = register(fixed, turned, model=args.model)
-    row("misaligned, no affine", dice(plain.field, fixed, turned_labels, fixed_labels, labels),
-        time.perf_counter() - start)
-    start = time.perf_counter()
-    affine = register_affine(fixed, turned)
-    affine_seconds = time.perf_counter() - start
-    row("misaligned, affine only", dice(affine_field(affine.matrix, fixed), fixed, turned_labels, fixed_labels, labels),
-        affine_seconds)
-    deformable = register(fixed, resample_moving(turned, affine.matrix, fixed), model=args.model)
-    to_moving = np.linalg.inv(fixed.affine) @ affine.matrix @ fixed.affine  # fixed voxel -> fixed voxel
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in fixed.shape], indexing="ij"), -1)
-    total = ((grid + deformable.field) @ to_moving[:3, :3].T + to_moving[:3, 3] - grid).astype(np.float32)
-    row("misaligned, affine first", dice(total, fixed, turned_labels, fixed_labels, labels),
-        time.perf_counter() - start, f"affine {affine_seconds:.1f} s")
+    positive = moving.array[moving.array > 0]
+    inverted = Image(np.where(moving.array > 0, positive.max() - moving.array, 0).astype(np.float32), moving.affine)
+    runs = [("aligned", moving, moving_labels), ("misaligned", turned, turned_labels),
+            ("inverted", inverted, moving_labels)]
+    for name, image, image_labels in runs:
+        if args.affine_only:
+            start = time.perf_counter()
+            result = register(fixed, image, affine_only=True)
+            row(f"{name}, affine only", dice(result.field, fixed, image_labels, fixed_labels, labels),
+                time.perf_counter() - start, f"affine step {result.seconds['affine']:.1f} s")
+            continue
+        for affine in (False, True):
+            start = time.perf_counter()
+            result = register(fixed, image, model=args.model, affine=affine)
+            seconds = time.perf_counter() - start
+            deformable = sum(result.seconds.get(key, 0.0) for key in DEFORMABLE)
+            note = (f"affine {result.seconds['affine']:.1f} s = {100 * result.seconds['affine'] / deformable:.0f} % of "
+                    f"the deformable steps' {deformable:.1f} s" if affine else f"deformable steps {deformable:.1f} s")
+            row(f"{name}, {'defaults' if affine else '--no-affine'}",
+                dice(result.field, fixed, image_labels, fixed_labels, labels), seconds, note)
+
 
 if __name__ == "__main__":
     main()

@@ -74,7 +74,7 @@ def main() -> None:
             else:
                 start = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "rwcnet", "register", "--dataset", str(args.data), "--pairs", "val",
-                                "--output-dir", str(out), "--device", "cpu", *options], check=True, env=env,
+                                "--output-dir", str(out), "--device", "cpu", "--no-affine", *options], check=True, env=env,
                                capture_output=True, text=True)
                 seconds = time.perf_counter() - start
             subprocess.run([sys.executable, "-m", "rwcnet", "evaluate", "--dataset", str(args.data), "--displacements",

@@ -301,7 +301,8 @@ def worker(payload: str) -> None:
             options["model"] = job["model"]
         elif options.get("method") != "convexadam":
             options["model"] = None
-        result = register(fixed, moving, modality=job["modality"], device="cpu", seed=0, **masks, **options)
+        result = register(fixed, moving, modality=job["modality"], device="cpu", seed=0, affine=False, **masks,
+                          **options)  # Learn2Reg pairs come pre-aligned: --no-affine
         field = result.field
     seconds = time.perf_counter() - start
     out = Path(job["output"])

@@ -72,7 +72,7 @@ def _worker(method: str, data: Path, output: Path, threads: int) -> None:
         from rwcnet.register import register
 
         start = time.perf_counter()
-        result = register(fixed, moving, device="cpu", seed=0, **OPTIONS[method])
+        result = register(fixed, moving, device="cpu", seed=0, affine=False, **OPTIONS[method])  # pre-aligned pair
         seconds = time.perf_counter() - start
         field, peak, stages, notes = result.field, _memory_gb("VmHWM"), result.seconds, result.notes
     np.save(output, field.astype(np.float32))

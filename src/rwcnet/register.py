@@ -21,8 +21,9 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.geometry.layout import field_array
 from rwcnet.data.formats import Image
+from rwcnet.exports import compose_affine
+from rwcnet.geometry.layout import field_array
 from rwcnet.pipeline import Instrumentation, Settings, StageCallback, StepCallback, build_chain
 from rwcnet.pipeline.method import chain_intensities, chain_names
 from rwcnet.pipeline.pair import PreparedPair, prepare_pair, volume_tensor
@@ -40,6 +41,8 @@ class RegistrationResult:
     notes: list[str] = dataclass_field(default_factory=list)
     warnings: list[str] = dataclass_field(default_factory=list)  # one line each; the command prints them as "warning: ..."
     peak_gb: dict[str, float] = dataclass_field(default_factory=dict)  # per stage, see rwcnet.pipeline.Instrumentation
+    affine: np.ndarray | None = None  # 4x4 fixed->moving RAS mm of the pre-alignment (included in ``field``)
+    original_moving: Image | None = None  # the moving image as given, on its own grid
 
 
 def pick_device(device: str) -> torch.device:
@@ -70,6 +73,11 @@ def register(
     refine: bool = True,
     refine_metric: str = "auto",
     refine_iterations: tuple[int, ...] | None = None,
+    affine: bool = True,
+    transform: str = "affine",
+    affine_metric: str = "mind",
+    init: str | Path | np.ndarray | None = None,
+    affine_only: bool = False,
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -84,11 +92,19 @@ def register(
     its own) and the IO/refinement presets (brain/lung; CT without masks gets lung masks).
     ``refine_metric`` is ``auto`` (NCC for CT or agreeing intensities, else MIND), ``ncc`` or
     ``mind``; ``refine_iterations`` per level overrides the preset's. Seeds torch with ``seed``.
+
+    ``affine`` (on by default) pre-aligns the pair first (``rwcnet`` chain): ``transform`` ``rigid`` or
+    ``affine``, ``affine_metric`` ``mind``/``ncc``/``mi``, starting from ``init`` (an ITK/ANTs transform file
+    or a 4x4 fixed->moving RAS matrix; else the centres of mass). With ``affine=False`` an ``init`` is applied
+    as it is. ``affine_only`` stops after it. The field holds the whole transform, affine included.
     """
-    names = chain_names(method)
+    names = ("affine",) if affine_only else chain_names(method)
+    if affine_only and not affine and init is None:
+        raise InputError("--affine-only needs the affine step (drop --no-affine) or an --init transform")
     settings = Settings.checked(model=model, io=io, io_iterations=io_iterations, modality=modality, ct_range=ct_range,
                                 refine=refine, refine_metric=refine_metric, refine_iterations=refine_iterations,
-                                device=pick_device(device))
+                                device=pick_device(device), affine=affine, linear_transform=transform,
+                                affine_metric=affine_metric, init_matrix=initial_matrix(init), seed=seed)
     torch.manual_seed(seed)
     record = Instrumentation(on_stage, on_step, settings.device)
     start = time.perf_counter()
@@ -101,11 +117,31 @@ def register(
         with record.timed(step.key, step.stage):
             field = step.run(pair, field, record)
     record.stage("output")
+    if pair.affine is not None:  # the whole transform: x -> A_fix^-1 T A_fix (x + u(x))
+        deformable = np.zeros((*pair.shape, 3), np.float32) if field is None else \
+            field[0].permute(1, 2, 3, 0).cpu().numpy()
+        total = compose_affine(deformable, pair.fixed, pair.affine)
+        field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(total, -1, 0)))[None].to(pair.device)
     warped = warp_original(pair, field)
     record.seconds["total"] = time.perf_counter() - start
     field = torch.zeros(1, 3, *pair.shape) if field is None else field
     return RegistrationResult(field_array(field).astype(np.float32), warped, pair.fixed,
-                              pair.moving, record.seconds, record.notes, record.warnings, record.peak_gb)
+                              pair.moving, record.seconds, record.notes, record.warnings, record.peak_gb,
+                              pair.affine, pair.original_moving)
+
+
+def initial_matrix(init: str | Path | np.ndarray | None) -> np.ndarray | None:
+    """``init`` as a 4x4 fixed->moving RAS matrix: read from an ITK/ANTs file (FSL refused), or taken as given."""
+    if init is None:
+        return None
+    if isinstance(init, (str, Path)):
+        from rwcnet.affine import read_itk_transform
+
+        return read_itk_transform(init)
+    matrix = np.asarray(init, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix)) < 1e-9:
+        raise InputError(f"initial transform: expected an invertible 4x4 affine matrix, got shape {matrix.shape}")
+    return matrix
 
 
 def warp_original(pair: PreparedPair, field: torch.Tensor | None) -> np.ndarray:

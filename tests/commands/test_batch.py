@@ -18,7 +18,7 @@ from rwcnet.batch import image_stem, read_jobs_csv
 from rwcnet.data.datasets import field_names
 
 SHAPE = (24, 24, 24)
-FAST = ["--model", "none", "--io-iters", "2", "--device", "cpu"]
+FAST = ["--model", "none", "--io-iters", "2", "--device", "cpu", "--no-affine"]
 
 
 def _blobs(seed: int, shape=SHAPE) -> np.ndarray:

@@ -141,7 +141,7 @@ def test_register_refines_an_instance_optimisation_start(tmp_path):
     phi = random_deformation(SHAPE, (1.0, 1.0, 1.0), magnitude_mm=3.0, smoothness_mm=8.0, seed=6)
     pair = make_pair(_blobs(seed=1), deformation=phi, warped_role="fixed")
     fixed, moving = (Image(v[0, 0].numpy(), np.eye(4)) for v in (pair.fixed, pair.moving))
-    options = dict(model=None, io_iterations=20, device="cpu")
+    options = dict(model=None, io_iterations=20, device="cpu", affine=False)
     io_alone = register(fixed, moving, refine=False, **options)
     refined = register(fixed, moving, refine=True, refine_iterations=(0, 20, 10), **options)
     truth = phi[0].permute(1, 2, 3, 0).numpy()

@@ -55,7 +55,8 @@ def test_instance_optimisation_alone_recovers_a_smooth_shift(tmp_path):
     truth[:, 0] = 1.5
     moving = geometry.warp(torch.from_numpy(fixed)[None, None], -truth)[0, 0].numpy()
     affine = np.eye(4)
-    result = register(Image(fixed, affine), Image(moving, affine), model=None, io_iterations=40, device="cpu")
+    result = register(Image(fixed, affine), Image(moving, affine), model=None, io_iterations=40, device="cpu",
+                      affine=False)
     assert result.field.shape == (*shape, 3)
     inner = result.field[8:-8, 8:-8, 8:-8]
     assert abs(inner[..., 0].mean() - 1.5) < 0.4
@@ -69,7 +70,7 @@ def test_a_model_on_another_working_grid_returns_the_field_on_the_fixed_grid(tmp
     path = tmp_path / "model.pt"
     save_model(path, network, ModelMetadata(orientation="LIA", spacing_mm=2.0))
     fixed = Image(blobs((24, 20, 16), 2), np.diag([1.0, 1.0, 1.0, 1.0]))
-    result = register(fixed, fixed, model=path, io=False, refine=False, device="cpu")
+    result = register(fixed, fixed, model=path, io=False, refine=False, device="cpu", affine=False)
     assert result.field.shape == (24, 20, 16, 3)
     assert np.abs(result.field).max() == 0
     assert any("working grid" in note for note in result.notes)
@@ -92,7 +93,7 @@ def test_the_network_grid_is_never_finer_than_the_fixed_image_and_io_runs_on_the
     monkeypatch.setattr(methods, "instance_optimise",
                         lambda f, m, u, **k: seen.setdefault("io", (tuple(f.shape[2:]), tuple(u.shape[2:]))) and optimise(f, m, u, **k))
     fixed = Image(blobs((20, 16, 12), 5), np.diag([2.0, 2.0, 2.0, 1.0]))  # RAS at 2 mm
-    result = register(fixed, fixed, model=path, io_iterations=1, device="cpu")
+    result = register(fixed, fixed, model=path, io_iterations=1, device="cpu", affine=False)
     # LIA axes are -x, -z, +y: extents 38, 22, 30 mm at 2 mm (the fixed spacing, coarser than the model's 1 mm)
     assert seen["network"] == (20, 12, 16)
     assert seen["io"] == ((20, 16, 12), (20, 16, 12))
@@ -103,12 +104,12 @@ def test_a_model_of_another_modality_runs_with_a_one_line_warning(tmp_path, imag
     path = _tiny_model(tmp_path / "mr.pt", ModelMetadata())  # the default modality: an MR model
     fixed = Image(blobs((16, 16, 16), 6) * 1000.0 - 500.0, np.eye(4))
     mask = Image(np.ones((16, 16, 16), np.uint8), np.eye(4))
-    as_ct = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
+    as_ct = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu", affine=False)
     assert len(as_ct.warnings) == 1 and "MR" in as_ct.warnings[0] and "CT" in as_ct.warnings[0]
-    assert register(fixed, fixed, model=path, io=False, modality="mr", device="cpu").warnings == []
+    assert register(fixed, fixed, model=path, io=False, modality="mr", device="cpu", affine=False).warnings == []
     result = runner.invoke(app, ["register", "--fixed", str(images / "fixed.nii.gz"), "--moving", str(images / "moving.nii.gz"),
                                  "--fixed-mask", str(images / "fixed.nii.gz"), "--output", str(images / "d.nii.gz"),
-                                 "--model", str(path), "--no-io", "--modality", "ct"])
+                                 "--model", str(path), "--no-io", "--modality", "ct", "--no-affine"])
     assert result.exit_code == 0, result.output
     assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [f"warning: {as_ct.warnings[0]}"]
 
@@ -125,7 +126,7 @@ def test_network_memory_is_released_before_instance_optimisation(tmp_path, monke
     monkeypatch.setattr(network, "release_freed_memory", lambda: events.append("release") or True)
     monkeypatch.setattr(methods, "instance_optimise", lambda *a, **k: events.append("io") or optimise(*a, **k))
     fixed = Image(blobs((16, 16, 16), 3), np.eye(4))
-    register(fixed, fixed, model=path, io_iterations=1, device="cpu")
+    register(fixed, fixed, model=path, io_iterations=1, device="cpu", affine=False)
     assert events == ["release", "io"]
 
 
@@ -150,7 +151,7 @@ def test_the_network_sees_intensities_normalised_as_it_was_trained(tmp_path, mon
     hounsfield = (blobs((16, 16, 16), 4) * 3000.0 - 1500.0).astype(np.float32)
     fixed = Image(hounsfield, np.eye(4))
     mask = Image(np.ones_like(hounsfield, np.uint8), np.eye(4))  # a given mask: no lung-mask computation
-    result = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu")
+    result = register(fixed, fixed, fixed_mask=mask, model=path, io=False, modality="ct", device="cpu", affine=False)
     np.testing.assert_allclose(seen[0][0, 0].numpy(), expected(hounsfield), rtol=1e-5, atol=1e-6)
     assert any("as the model was trained" in note for note in result.notes) == (recorded["kind"] != "none")
 

@@ -4,7 +4,7 @@
 
 1. the options are checked into :class:`Settings`;
 2. the chain is built: ``register(method=NAME)`` names a chain of :data:`CHAINS`
-   (``rwcnet``: network, instance optimisation, refinement; ``convexadam``), a
+   (``rwcnet``: affine pre-alignment, network, instance optimisation, refinement; ``convexadam``), a
    single registered method, or a sequence of method names. Each name's builder,
    registered with :func:`register_method`, returns a :class:`Method` or ``None``
    when the settings switch it off;
@@ -31,7 +31,9 @@ The :class:`Method` contract (all a new method needs, e.g. an affine step)::
 A method that can start from a field (instance optimisation, refinement)
 continues from ``init``; one that cannot (the network, ConvexAdam's discrete
 step) registers ``pair.moving_through(init)`` (the moving image sampled once
-through ``init``) and returns ``geometry.compose(residual, init)``. Report steps
+through ``init``) and returns ``geometry.compose(residual, init)``. The affine pre-alignment
+(:mod:`rwcnet.pipeline.affine`) instead re-bases the pair on its affine and returns ``None``;
+``register`` composes the affine back at the end. Report steps
 with ``record.step(done, total, value)``, extra stages with ``record.stage(name)``,
 notes and warnings in ``record.notes`` / ``record.warnings``.
 """
@@ -39,7 +41,7 @@ notes and warnings in ``record.notes`` / ``record.warnings``.
 from rwcnet.pipeline.instrument import Instrumentation, StageCallback, StepCallback
 from rwcnet.pipeline.method import CHAINS, METHODS, Method, Settings, build_chain, register_method
 from rwcnet.pipeline.pair import PreparedPair
-from rwcnet.pipeline import methods as _methods, network as _network  # noqa: F401  (they register the built-in methods)
+from rwcnet.pipeline import affine as _affine, methods as _methods, network as _network  # noqa: F401  (they register the built-in methods)
 
 __all__ = ["CHAINS", "METHODS", "Instrumentation", "Method", "PreparedPair", "Settings", "StageCallback",
            "StepCallback", "build_chain", "register_method"]

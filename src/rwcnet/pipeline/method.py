@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from rwcnet.errors import InputError
@@ -33,6 +34,11 @@ class Settings:
     refine_metric: str
     refinement: RefineConfig
     device: torch.device
+    affine: bool = False  # the affine pre-alignment (rwcnet.pipeline.affine)
+    linear_transform: str = "affine"  # its last stage: rigid or affine
+    affine_metric: str = "mind"
+    init_matrix: np.ndarray | None = None  # 4x4 fixed->moving RAS mm to start from (or apply, without the search)
+    seed: int = 0
 
     @property
     def preset(self) -> str:
@@ -47,6 +53,10 @@ class Settings:
             raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
         if refine_metric not in ("auto", "ncc", "mind"):
             raise InputError(f"unknown refinement metric {refine_metric!r}; use auto, ncc or mind")
+        if options.get("linear_transform", "affine") not in ("rigid", "affine"):
+            raise InputError(f"unknown linear transform {options['linear_transform']!r}; use rigid or affine")
+        if options.get("affine_metric", "mind") not in ("mind", "ncc", "mi"):
+            raise InputError(f"unknown affine metric {options['affine_metric']!r}; use mind, ncc or mi")
         try:
             refinement = refine_config(REFINE_PRESETS[MODALITY_PRESET[modality]], iterations=refine_iterations)
         except ValueError as error:
@@ -77,7 +87,7 @@ Builder = Callable[[Settings, Instrumentation], "Method | None"]
 METHODS: dict[str, Builder] = {}
 #: Named chains: what ``register(method=NAME)`` runs, in order.
 CHAINS: dict[str, tuple[str, ...]] = {
-    "rwcnet": ("network", "instance_optimisation", "refinement"),
+    "rwcnet": ("affine", "network", "instance_optimisation", "refinement"),
     "convexadam": ("convexadam",),
 }
 

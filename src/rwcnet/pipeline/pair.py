@@ -49,6 +49,8 @@ class PreparedPair:
     modality: str
     device: torch.device
     intensities: Intensities
+    original_moving_mask: Image | None = None  # as given, on the original moving image's grid
+    affine: np.ndarray | None = None  # 4x4 fixed->moving RAS mm the moving side was pre-aligned by (see prealign)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -93,6 +95,24 @@ class PreparedPair:
             warped = geometry.warp(volume_tensor(self.moving.array, init.device), init.float())
         return Image(warped[0, 0].cpu().numpy(), self.fixed.affine)
 
+    def prealign(self, matrix: np.ndarray) -> None:
+        """Re-base the pair on an affine ``T`` (fixed RAS mm -> moving RAS mm): the moving image becomes the original
+        sampled once at ``T p`` on the fixed grid (its mask too), and later methods' fields are relative to it;
+        :func:`rwcnet.register.register` composes ``T`` back into the final field."""
+        from rwcnet.affine.transforms import affine_field, resample_moving
+
+        self.affine = np.asarray(matrix, dtype=np.float64)
+        self.moving = resample_moving(self.original_moving, self.affine, self.fixed, order=1)
+        if self.original_moving_mask is not None:
+            self.moving_mask = resample_moving(self.original_moving_mask, self.affine, self.fixed, order=0)
+        elif self.moving_mask is not None:  # computed on the fixed grid (CT lung mask): carried through T
+            step = torch.from_numpy(np.moveaxis(affine_field(self.affine, self.fixed), -1, 0))[None]
+            mask = volume_tensor(self.moving_mask.array > 0, torch.device("cpu"))
+            with torch.no_grad():
+                moved = geometry.warp(mask, step, mode="nearest")[0, 0].numpy()
+            self.moving_mask = Image(moved.astype(np.uint8), self.fixed.affine)
+        self.release()
+
     def release(self) -> None:
         """Drop the cached tensors (before the output warp, to lower the peak memory)."""
         for name in ("fixed_tensor", "moving_tensor", "fixed_mask_tensor", "moving_mask_tensor"):
@@ -130,7 +150,7 @@ def prepare_pair(
         _check_mask(as_image(m, what) if m is not None else None, image, what)
         for m, image, what in ((fixed_mask, fixed_img, "fixed mask"), (moving_mask, moving_img, "moving mask"))
     ]
-    original_moving = moving_img
+    original_moving, original_moving_mask = moving_img, masks[1]
     if grid_difference(moving_img, Grid.of(fixed_img, "the fixed image")) is not None:
         record.notes.append(f"moving image resampled onto the fixed grid in physical space ({moving_img.shape} -> {fixed_img.shape})")
         moving_img = resample_image(moving_img, fixed_img, order=1)
@@ -142,4 +162,5 @@ def prepare_pair(
         record.stage("lung masks")
         masks = [Image(lung_mask(img.array, img.spacing).astype(np.uint8), img.affine) for img in (fixed_img, moving_img)]
         record.notes.append("CT without masks: lung masks computed for instance optimisation")
-    return PreparedPair(fixed_img, moving_img, original_moving, masks[0], masks[1], modality, device, intensities)
+    return PreparedPair(fixed_img, moving_img, original_moving, masks[0], masks[1], modality, device, intensities,
+                        original_moving_mask)
