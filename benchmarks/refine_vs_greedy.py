@@ -4,8 +4,7 @@ Methods, each in its own subprocess with the same thread count, in this order,
 on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 
 * ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.peers``), NCC 2x2x2, no affine;
-* ``default``: ``register()`` as shipped now (for this MR pair: the network, then the refinement);
-* ``network+io+refine``: ``register(io=True)``, instance optimisation between the two (the previous default);
+* ``default``: ``register()`` as shipped now (network, IO, then the refinement);
 * ``network+io``: ``register(refine=False)``, the default before the refinement;
 * ``network+refine``: ``register(io=False, refine=True)``;
 * ``io``: ``register(model=None, refine=False)``, instance optimisation alone;
@@ -38,13 +37,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {
     "default": {},
-    "network+io+refine": dict(io=True),
     "network+io": dict(refine=False),
     "network+refine": dict(io=False, refine=True),
     "io": dict(model=None, refine=False),
     "convexadam": dict(method="convexadam"),
 }
-METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+io+refine", "network+refine", "network+io", "io", "convexadam")
+METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "network+io", "io", "convexadam")
 
 
 def _memory_gb(key: str) -> float:

@@ -226,7 +226,7 @@ def register(
     fixed_mask: Image | str | Path | None = None,
     moving_mask: Image | str | Path | None = None,
     model: str | Path | None = "default",
-    io: bool | None = None,
+    io: bool = True,
     io_iterations: int | None = None,
     modality: str = "mr",
     ct_range: str = "window",
@@ -249,10 +249,7 @@ def register(
     :func:`intensity_mapping`) and the instance-optimisation preset (``mr``:
     brain, ``ct``: lung; for CT without masks, lung masks are computed). Seeds torch with ``seed``.
     ``method="convexadam"`` runs the in-package ConvexAdam baseline instead
-    of the network (``io`` then toggles its Adam stage). ``io=None`` runs instance
-    optimisation unless an MR pair gets the network and the refinement (which
-    then starts from the network's field) and no ``io_iterations`` are given.
-    ``refine`` adds the
+    of the network (``io`` then toggles its Adam stage). ``refine`` adds the
     fine-scale refinement of :mod:`rwcnet.refine` after the network (and IO),
     with ``refine_metric`` ``auto`` (NCC for CT or when the intensities agree,
     MIND across contrasts), ``ncc`` or ``mind``; ``refine_iterations`` per
@@ -300,10 +297,6 @@ def register(
         warning = modality_warning(metadata, modality, Path(str(model)).name)
         if warning:
             warnings.append(warning)
-    if io is None:
-        io = io_iterations is not None or network is None or not refine or modality != "mr" or method != "rwcnet"
-        if not io:
-            notes.append("instance optimisation skipped: the refinement starts from the network's field (--io runs it)")
     seconds["read"] = time.perf_counter() - start
 
     intensities, intensity_note = intensity_mapping(metadata if network is not None else {}, modality, ct_range)

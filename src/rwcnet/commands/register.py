@@ -96,13 +96,9 @@ def register(
              "displacements, benchmarks/io_capture_range.py: residual 0.9-1.0 mm at a 6 mm shift, 2-4.5 mm at 10 mm, "
              "lost at 15 mm): use it alone for pairs already aligned to within a few mm, not for breathing motion.",
     ),
-    io: Optional[bool] = typer.Option(
-        None, "--io/--no-io",
-        help="Instance optimisation (Adam on MIND features) after the network. Default: on, except for MR pairs "
-             "that get the network and the refinement (the refinement then starts from the network) unless --io-iters is given.",
-    ),
+    io: bool = typer.Option(True, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the network."),
     io_iters: Optional[int] = typer.Option(None, "--io-iters", min=0, help="Adam steps (default: the modality preset's)."),
-    refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network (and IO)."),
+    refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network and IO."),
     refine_metric: str = typer.Option("auto", "--refine-metric", help="auto (NCC for CT or same-contrast pairs, else MIND), ncc or mind."),
     refine_iters: Optional[str] = typer.Option(None, "--refine-iters", help="Refinement iterations per level, coarse to fine, e.g. 100x50x20."),
     modality: str = typer.Option("mr", "--modality", help="mr (brain-like) or ct (lung-like): normalisation and IO preset."),
