@@ -4,8 +4,8 @@ Methods, each in its own subprocess with the same thread count, in this order,
 on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 
 * ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.baselines.peers``), NCC 2x2x2, no affine;
-* ``default``: ``register()`` as shipped now (network, IO, then the refinement when it is on by default);
-* ``network+io``: ``register(refine=False)``, the previous default;
+* ``default``: ``register()`` as shipped now (network, IO, then the refinement);
+* ``network+io``: ``register(refine=False)``, the default before the refinement;
 * ``network+refine``: ``register(io=False, refine=True)``;
 * ``io``: ``register(model=None, refine=False)``, instance optimisation alone;
 * ``convexadam``: ``register(method="convexadam")``.

@@ -172,3 +172,27 @@ def test_bad_refinement_options_exit_2_before_any_work(tmp_path, extra, message)
     errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
     assert not out.exists()
+
+
+def test_scaled_update_moves_the_largest_vector_exactly_one_step():
+    pair = make_pair(_blobs(), deformation=random_deformation(SHAPE, (1.0, 1.0, 1.0), magnitude_mm=2.0, smoothness_mm=8.0, seed=6),
+                     warped_role="fixed")
+    config = RefineConfig(levels=(1,), iterations=(1,), sigma_field=0, step=0.5, scale_step=True)
+    field = refine(pair.fixed, pair.moving, config=config)
+    assert float(field.norm(dim=1).max()) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_composed_update_follows_the_initial_field():
+    """One update δ from a linear initial field u0(x) = A x: composing gives u0 + (I + A) δ, adding gives u0 + δ."""
+    pair = make_pair(_blobs(), deformation=random_deformation(SHAPE, (1.0, 1.0, 1.0), magnitude_mm=2.0, smoothness_mm=8.0, seed=7),
+                     warped_role="fixed")
+    matrix = torch.tensor([[0.05, 0.02, 0.0], [-0.03, 0.04, 0.01], [0.0, 0.02, -0.05]])
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) - n / 2 for n in SHAPE], indexing="ij"))
+    initial = torch.einsum("ij,jxyz->ixyz", matrix, coords)[None]
+    config = RefineConfig(levels=(1,), iterations=(1,), sigma_field=0)
+    added = refine(pair.fixed, pair.moving, initial, config=config) - initial
+    composed = refine(pair.fixed, pair.moving, initial, config=config.model_copy(update={"compose": True})) - initial
+    expected = added + torch.einsum("ij,bjxyz->bixyz", matrix, added)
+    inner = (slice(None), slice(None)) + (slice(6, -6),) * 3
+    assert float(added[inner].abs().max()) > 0.1
+    torch.testing.assert_close(composed[inner], expected[inner], atol=1e-4, rtol=1e-4)
