@@ -274,7 +274,7 @@ def _finish(model: RWCNet, config: TrainingConfig, data: TrainingData, output: P
         "spacing_mm": [float(s) for s in reference.spacing],
         "orientation": "".join(nib.orientations.aff2axcodes(reference.affine)),
         "normalisation": config.data.normalisation.model_dump(),
-        "modality": data.dataset.modality,
+        "modality": config.data.modality or data.dataset.modality,
         "steps": {f"stage{p.stage}": p.steps for p in config.phases},
         "wall_seconds": wall,
         "seed": config.seed,

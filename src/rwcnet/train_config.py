@@ -14,6 +14,8 @@ Presets (:func:`training_preset`):
   hours on 2 cores: semi-synthetic pairs from the unlabelled subjects plus real
   pairs among them; the labelled pair 0001/0002 is never seen in training or
   checkpoint selection and is scored once at the end.
+* ``synth-brain`` — the ``cpu`` network from label-map synthesis (SynthMorph-style) plus brains 0003-0005.
+* ``cpu-lung`` — the ``cpu`` network on breathing-like deformations of the one shared thorax CT.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rwcnet.errors import InputError
+from rwcnet.intensity import CT_RANGES
 from rwcnet.losses import LossConfig, loss_config
 from rwcnet.model.config import ModelConfig, model_preset
 
@@ -68,6 +71,35 @@ class IntensityConfig(_Strict):
     noise_std: float = Field(0.01, ge=0)
 
 
+class BreathingConfig(_Strict):
+    """Breathing-like semi-synthetic pairs of a thorax CT (:func:`rwcnet.synthetic.breathing_deformation`).
+
+    A share ``fraction`` of the semi-synthetic samples deform the image by a
+    breathing field instead of a random one: cranio-caudal motion that grows
+    towards the diaphragm, largest ``amplitude_mm`` (drawn uniformly), an
+    anterior-posterior chest-wall expansion of ``expansion`` × the amplitude,
+    and random smooth variation of ``variation`` × the amplitude. With
+    probability ``exhale_fraction`` the motion is reversed (the diaphragm moves
+    up). The lung mask (:func:`rwcnet.masks.lung_mask`, intensities in HU
+    before normalisation) and the cranio-caudal and anterior-posterior axes
+    (from the image's orientation) are found once per image.
+    """
+
+    fraction: float = Field(0.75, ge=0, le=1)
+    amplitude_mm: tuple[float, float] = (5.0, 25.0)
+    expansion: tuple[float, float] = (0.1, 0.3)
+    variation: float = Field(0.1, ge=0)
+    exhale_fraction: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "BreathingConfig":
+        for name in ("amplitude_mm", "expansion"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be a range 0 <= low <= high, got {(lo, hi)}")
+        return self
+
+
 class SyntheticConfig(_Strict):
     """Semi-synthetic pairs: an image and its copy warped by a known smooth random deformation.
 
@@ -82,6 +114,7 @@ class SyntheticConfig(_Strict):
     min_jacobian: float = Field(0.1, ge=0, lt=1)
     generation_downsample: int = Field(2, ge=1, le=8)
     intensity: IntensityConfig | None = IntensityConfig()
+    breathing: BreathingConfig | None = Field(None, description="breathing-like pairs of thorax CT (lung models)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "SyntheticConfig":
@@ -167,6 +200,8 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig | None = SyntheticConfig()
     synthmorph: SynthMorphConfig | None = Field(None, description="pairs synthesised from label maps (SynthMorph-style)")
     normalisation: Normalisation = Normalisation()
+    modality: Literal["mr", "ct"] | None = Field(
+        None, description="modality recorded in the model file; None = the dataset JSON's (mr without one)")
     foreground_threshold: float | None = Field(
         0.0, description="normalised intensity above which a voxel is foreground (patch centres, validation EPE); None = all"
     )
@@ -331,6 +366,39 @@ def _synth_brain() -> TrainingConfig:
     )
 
 
+def _cpu_lung() -> TrainingConfig:
+    # The shipped ``lung`` model (issue 18): the ``cpu`` network on the one shared thorax CT
+    # (../shared/data/lung, a folder of images without a dataset JSON), deformed by breathing-like fields
+    # (75 %: cranio-caudal motion growing towards the diaphragm, 5-25 mm, inhale or exhale, chest-wall
+    # expansion) and by random smooth fields (25 %, 5-15 mm), in the HU window register uses for CT. The
+    # cpu-brain schedule; validation on breathing pairs of 18 mm with seeds of their own.
+    low, high = CT_RANGES["window"]
+    return TrainingConfig(
+        name="cpu-lung",
+        model="cpu",
+        phases=[
+            PhaseConfig(stage=1, steps=CPU_LUNG_STEPS[0], lr=1e-3, patch=(24, 24, 24), loss_grid="stage"),
+            PhaseConfig(stage=2, steps=CPU_LUNG_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="full"),
+        ],
+        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        supervised=0.05,
+        data=DataConfig(
+            dataset="../shared/data/lung",
+            real_fraction=0.0,
+            synthetic=SyntheticConfig(magnitude_mm=(5.0, 15.0), smoothness_mm=(20.0, 40.0), breathing=BreathingConfig()),
+            normalisation=Normalisation(kind="window", low=low, high=high),
+            modality="ct",
+            foreground_threshold=0.05,
+        ),
+        validation=ValidationConfig(pairs=2, every=50, magnitude_mm=18.0, smoothness_mm=30.0),
+        checkpoint_every=10,
+        threads=2,
+    )
+
+
+#: Steps of the two ``cpu-lung`` phases (patches of the 1/4- and the 1/2-resolution grids).
+CPU_LUNG_STEPS = (250, 90)
+
 #: Steps of the three ``synth-brain`` phases: 24^3 patches of the 1/4 grid; 32^3 patches of the 1/2 grid with
 #: the loss on that grid; the same patches with the loss at full resolution (trains the convex upsampler).
 SYNTH_BRAIN_STEPS = (4000, 1500, 1000)
@@ -339,11 +407,12 @@ SYNTH_BRAIN_VALIDATE_EVERY = 100
 #: Steps of the two ``cpu-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
 CPU_BRAIN_STEPS = (250, 90)
 
-TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain}
+TRAINING_PRESETS = {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain,
+                    "cpu-lung": _cpu_lung}
 
 
 def training_preset(name: str) -> TrainingConfig:
-    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain`` or ``synth-brain``."""
+    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain``, ``synth-brain`` or ``cpu-lung``."""
     if name not in TRAINING_PRESETS:
         raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
     return TRAINING_PRESETS[name]()
