@@ -47,7 +47,7 @@ def turned(image, truth: np.ndarray, pad: int):
     """``image`` padded by ``pad`` voxels and resampled so that its content at ``T p`` is the original at ``p``."""
     import scipy.ndimage
 
-    from rwcnet.io import Image
+    from rwcnet.data.formats import Image
 
     shift = np.eye(4)
     shift[:3, 3] = -pad
@@ -78,7 +78,7 @@ def _worker(engine_metric: str, threads: int) -> None:
 
     from rwcnet.affine import point_errors, register_affine
     from rwcnet.affine.transforms import foreground_points
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

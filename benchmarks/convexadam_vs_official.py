@@ -4,7 +4,7 @@ Cases:
 
 * ``brain``: the shared real pair (``../shared/data/brain``, fixed 0001, moving 0002),
   Dice over the dataset JSON's ``evaluation_labels`` with nearest-neighbour label warping
-  (:mod:`rwcnet.metrics`, the official scorer's rule), brain preset (g 6, h 4, λ 1.25, 80 steps).
+  (:mod:`rwcnet.evaluation.metrics`, the official scorer's rule), brain preset (g 6, h 4, λ 1.25, 80 steps).
 * ``lung``: a semi-synthetic NLST-like pair: the shared lung CT (fixed) and a copy warped by a
   known breathing deformation (:func:`rwcnet.synthetic.breathing_deformation`, 15 mm, lung mask
   from :func:`rwcnet.masks.lung_mask`); TRE in mm over keypoints sampled in the fixed lung
@@ -57,7 +57,7 @@ def _worker(method: str, case: str, inputs: Path, output: Path, threads: int) ->
     baseline = _memory_kb("VmRSS")
     start = time.perf_counter()
     if method == "rwcnet":
-        from rwcnet.convexadam import convex_adam
+        from rwcnet.baselines.convexadam import convex_adam
 
         kwargs = {} if masks is None else dict(fixed_mask=masks[0], moving_mask=masks[1])
         field = convex_adam(fixed, moving, preset=case, **kwargs)[0].permute(1, 2, 3, 0).numpy()
@@ -102,7 +102,7 @@ def _run(method: str, case: str, inputs: Path, output: Path, threads: int) -> di
 
 def _brain_case(data: Path) -> tuple[dict, dict]:
     """Inputs and ground truth of the real brain pair."""
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
 
     root = data / "brain"
     labels = json.loads((root / "BRAIN_dataset.json").read_text())["evaluation_labels"]
@@ -115,7 +115,7 @@ def _brain_case(data: Path) -> tuple[dict, dict]:
 def _lung_case(data: Path, keypoints: int) -> tuple[dict, dict]:
     """Inputs and ground truth of the semi-synthetic lung pair (known breathing deformation)."""
     from rwcnet import masks, synthetic
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
 
     ct = read_image(data / "lung" / "imagesTr" / "LUNG_0001_0000.nii.gz")
     spacing = tuple(float(s) for s in ct.spacing)
@@ -142,7 +142,7 @@ def _lung_case(data: Path, keypoints: int) -> tuple[dict, dict]:
 
 def _scores(case: str, field: np.ndarray, truth: dict) -> dict:
     """Dice (brain) or TRE in mm (lung), and SDlogJ, of a field ``(X, Y, Z, 3)``."""
-    from rwcnet import metrics
+    from rwcnet.evaluation import metrics
 
     det = metrics.jacobian_det(field)
     if case == "brain":

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load(name: str, data: Path):
     """The real image (array, affine, spacing) and its foreground/lung mask."""
     from rwcnet import masks
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
 
     if name == "brain":
         image = read_image(data / "brain" / "imagesTr" / "BRAIN_0001_0000.nii.gz")
@@ -66,8 +66,8 @@ def known_field(name: str, kind: str, amount: float, image, mask) -> torch.Tenso
 
 
 def _central(image, mask, size: np.ndarray):
-    """The central ``size`` voxels of an image and its mask (an :class:`rwcnet.io.Image` with a shifted affine)."""
-    from rwcnet.io import Image
+    """The central ``size`` voxels of an image and its mask (an :class:`rwcnet.data.formats.Image` with a shifted affine)."""
+    from rwcnet.data.formats import Image
 
     start = np.maximum(0, (np.asarray(image.shape) - size) // 2)
     box = tuple(slice(int(b), int(b + n)) for b, n in zip(start, size))
@@ -79,7 +79,7 @@ def _central(image, mask, size: np.ndarray):
 def residual_mm(name: str, kind: str, amount: float, image, mask, crop: int) -> tuple[float, float, float]:
     """Mean |u - phi| (mm) over the foreground after IO alone, the largest |phi| (mm) there, and IO's seconds."""
     from rwcnet import synthetic
-    from rwcnet.io import Image
+    from rwcnet.data.formats import Image
     from rwcnet.register import register
 
     spacing = np.asarray(image.spacing, dtype=np.float64)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _pairs(data: Path, count: int):
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
     from rwcnet.synthetic import IntensitySettings, make_pair, random_deformation
 
     subjects = ("0003", "0004", "0005")
@@ -58,8 +58,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from rwcnet.intensity import normalise
-    from rwcnet.optimize import instance_optimise
-    from rwcnet.register import resolve_model
+    from rwcnet.instance_optimisation import instance_optimise
+    from rwcnet.pipeline.network import resolve_model
 
     network, _, note = resolve_model(args.model, torch.device("cpu"))
     if network is None:

@@ -46,8 +46,9 @@ def main() -> None:
 
     import torch
 
-    from rwcnet import masks, metrics
-    from rwcnet.io import Image, read_image
+    from rwcnet import masks
+    from rwcnet.evaluation import metrics
+    from rwcnet.data.formats import Image, read_image
     from rwcnet.register import register
 
     torch.set_num_threads(args.threads)

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwcnet import metrics
+from rwcnet.evaluation import metrics
 from rwcnet.affine import affine_field, matrix_about, register_affine, resample_moving, rotation_matrix
-from rwcnet.grids import Grid, sampling_field
-from rwcnet.io import Image, read_image
+from rwcnet.geometry.grids import Grid, sampling_field
+from rwcnet.data.formats import Image, read_image
 from rwcnet.register import register
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain"

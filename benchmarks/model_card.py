@@ -51,6 +51,8 @@ def _load() -> str:
 
 
 def _untrained_copy(model: Path, target: Path) -> None:
+    from dataclasses import replace
+
     import torch
 
     from rwcnet.model import load_model, save_model
@@ -58,13 +60,14 @@ def _untrained_copy(model: Path, target: Path) -> None:
 
     trained, metadata = load_model(model)
     torch.manual_seed(0)
-    save_model(target, build_model(trained.config), {**metadata, "note": "untrained copy for the model card"})
+    untrained = replace(metadata, training={**metadata.training, "note": "untrained copy for the model card"})
+    save_model(target, build_model(trained.config), untrained)
 
 
 def _inverted_dataset(source: Path, target: Path) -> Path:
     """A copy of the dataset folder (links) whose validation moving images have their contrast inverted."""
-    from rwcnet.datasets import Learn2RegDataset
-    from rwcnet.io import read_image, write_image
+    from rwcnet.data.datasets import Learn2RegDataset
+    from rwcnet.data.formats import read_image, write_image
 
     dataset = Learn2RegDataset(source)
     shutil.copytree(dataset.root, target, symlinks=True, copy_function=os.symlink)
@@ -79,8 +82,8 @@ def _inverted_dataset(source: Path, target: Path) -> Path:
 
 
 def _zero_fields(dataset: Path, out: Path) -> None:
-    from rwcnet.datasets import Learn2RegDataset, field_names
-    from rwcnet.io import read_image, write_field
+    from rwcnet.data.datasets import Learn2RegDataset, field_names
+    from rwcnet.data.formats import read_image, write_field
 
     for pair in Learn2RegDataset(dataset).pairs("val"):
         fixed = read_image(pair.fixed)
@@ -124,7 +127,7 @@ def brain_rows(model: Path, data: Path, threads: int, work: Path) -> dict:
 
 def brain_tables(results: dict) -> tuple[str, str]:
     """The accuracy table and the per-label Dice table (markdown) of :func:`brain_rows`."""
-    from rwcnet.label_names import freesurfer_aseg_names
+    from rwcnet.evaluation.label_names import freesurfer_aseg_names
 
     lines = ["| pair | row | Dice (30 labels) | HD95 (voxels) | SDlogJ | folded % | time s |", "|---|---|---|---|---|---|---|"]
     for (setting, name), row in results.items():
@@ -163,16 +166,16 @@ def facts(model: Path) -> str:
 
     network, metadata = load_model(model)
     parameters = sum(p.numel() for p in network.parameters())
-    steps = ", ".join(f"{k} {v}" for k, v in metadata.get("steps", {}).items())
-    wall = metadata.get("wall_seconds")
+    training = metadata.training
+    steps = ", ".join(f"{k} {v}" for k, v in training.get("steps", {}).items())
+    wall = training.get("wall_seconds")
     return "\n".join([
         f"- File: `{model.name}`, {model.stat().st_size / 2**20:.1f} MB, {parameters:,} parameters, network preset "
-        f"`{metadata.get('network_preset', '?')}`, modality `{metadata.get('modality')}`.",
-        f"- Training preset `{metadata.get('training_preset', '?')}`; steps: {steps or '?'}; seed {metadata.get('seed', '?')}; "
+        f"`{training.get('network_preset', '?')}`, modality `{metadata.modality}`.",
+        f"- Training preset `{training.get('training_preset', '?')}`; steps: {steps or '?'}; seed {training.get('seed', '?')}; "
         f"wall time {'?' if wall is None else f'{wall / 60:.0f} min'}.",
-        f"- Grid: {metadata.get('orientation', '?')} at {metadata.get('spacing_mm', '?')} mm; intensities: "
-        f"{metadata.get('normalisation', {})}.",
-        f"- Training images: {', '.join(metadata.get('training_images', [])) or '?'}.",
+        f"- Grid: {metadata.orientation} at {list(metadata.spacing_mm or [])} mm; intensities: {metadata.normalisation}.",
+        f"- Training images: {', '.join(training.get('training_images', [])) or '?'}.",
     ])
 
 

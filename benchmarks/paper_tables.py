@@ -14,7 +14,7 @@ interrupted run continues where it stopped, across sessions):
   field). The labelled subjects never enter training, so they are held out for every network.
   The real pair 0001←0002 is read from ``DATA/brain`` itself.
 * ``train`` trains each network row that has no model yet with the ``cpu-brain`` schedule
-  (:func:`rwcnet.train_config.training_preset`), its network replaced (``rwcnet train
+  (:func:`rwcnet.training.config.training_preset`), its network replaced (``rwcnet train
   --resume``, so an interrupted training continues). The ``rwcnet`` row uses the shipped
   ``brain`` weights, trained with that same schedule. With ``SYNLUNG`` among the datasets,
   every network row also gets a lung network: the same schedule on random
@@ -56,7 +56,7 @@ class Method:
     model: str | None = None  # "shipped:brain" or the training run name under CACHE/train
     network: str | None = None  # network preset trained with the cpu-brain schedule
     lung_model: str | None = None  # training run name under CACHE/train of the network for SYNLUNG
-    peer: str | None = None  # classical peer run in its own environment (rwcnet.peers)
+    peer: str | None = None  # classical peer run in its own environment (rwcnet.baselines.peers)
 
 
 METHODS = [
@@ -101,7 +101,7 @@ def _write_dataset(root: Path, name: str, meta: dict) -> None:
 
 def prepare_brain(data: Path, cache: Path) -> None:
     """``SYNBRAIN``: pairs ``0001..0010`` (fixed ``_0000`` = subject, moving ``_0001`` = warped copy)."""
-    from rwcnet.io import read_image, write_image
+    from rwcnet.data.formats import read_image, write_image
     from rwcnet.synthetic import IntensitySettings, make_pair, random_deformation
 
     root = cache / "data" / "SYNBRAIN"
@@ -149,7 +149,7 @@ def lung_pair(ct: np.ndarray, mask: np.ndarray, spacing: tuple, *, amplitude_mm:
 def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     """``SYNLUNG``: breathing pairs of the shared CT with lung masks and keypoints."""
     from rwcnet import masks
-    from rwcnet.io import read_image, write_image
+    from rwcnet.data.formats import read_image, write_image
 
     root = cache / "data" / "SYNLUNG"
     if (root / "SYNLUNG_dataset.json").is_file():
@@ -206,7 +206,7 @@ def model_path(method: Method, cache: Path, dataset: str = "BRAIN") -> Path | No
     if method.model is None:
         return None
     if method.model.startswith("shipped:"):
-        from rwcnet.register import shipped_model_path
+        from rwcnet.pipeline.network import shipped_model_path
 
         return shipped_model_path(method.model.split(":", 1)[1])
     return cache / "train" / method.model / "model.pt"
@@ -221,7 +221,7 @@ def lung_schedule(config, dataset: Path):
     centres in the body (normalised intensity above 0.05, i.e. above about -920 HU).
     """
     from rwcnet.intensity import CT_RANGES
-    from rwcnet.train_config import Normalisation, SyntheticConfig
+    from rwcnet.training.config import Normalisation, SyntheticConfig
 
     low, high = CT_RANGES["window"]
     data = config.data.model_copy(update={
@@ -237,7 +237,7 @@ def train(method: Method, data: Path, cache: Path, dataset: str = "BRAIN") -> No
     """Train one network row for ``dataset`` (brain, or SYNLUNG: its lung network) with the cpu-brain schedule (resuming)."""
     import yaml
 
-    from rwcnet.train_config import dump_config, training_preset
+    from rwcnet.training.config import dump_config, training_preset
 
     lung = dataset == "SYNLUNG"
     path = model_path(method, cache, dataset)
@@ -267,8 +267,8 @@ def train(method: Method, data: Path, cache: Path, dataset: str = "BRAIN") -> No
 
 # ------------------------------------------------------------------------------------------- run
 def cases(dataset: str, data: Path, cache: Path) -> list:
-    """The pairs of one dataset (``rwcnet.datasets.Pair``)."""
-    from rwcnet.datasets import Learn2RegDataset
+    """The pairs of one dataset (``rwcnet.data.datasets.Pair``)."""
+    from rwcnet.data.datasets import Learn2RegDataset
 
     root = data / "brain" if dataset == "BRAIN" else cache / "data" / dataset
     return Learn2RegDataset(root).pairs("val")
@@ -286,8 +286,8 @@ def worker(payload: str) -> None:
     """Subprocess: register one pair, write the Learn2Reg field, print time and peak memory as JSON."""
     import torch
 
-    from rwcnet.datasets import field_names
-    from rwcnet.io import read_image, write_field
+    from rwcnet.data.datasets import field_names
+    from rwcnet.data.formats import read_image, write_field
     from rwcnet.register import register
 
     job = json.loads(payload)
@@ -300,7 +300,7 @@ def worker(payload: str) -> None:
     if job["method"] == "zero displacement":
         field = np.zeros((*fixed.shape, 3), np.float32)
     elif job.get("peer"):
-        from rwcnet.peers import run_peer
+        from rwcnet.baselines.peers import run_peer
 
         result = run_peer(job["peer"], fixed, moving, threads=job["threads"])
         field, peak = result.field, result.peak_gb
@@ -325,10 +325,10 @@ def blocked(method: Method, dataset: str, cache: Path) -> str | None:
     if method.model is not None and (path is None or not path.is_file()):
         return f"not run: model {method.lung_model if dataset == 'SYNLUNG' else method.model} not trained yet"
     if method.peer is not None:
-        from rwcnet.peers import peer_python
+        from rwcnet.baselines.peers import peer_python
 
         if peer_python(method.peer) is None:
-            return f"not run: peer {method.peer} not set up (see rwcnet.peers)"
+            return f"not run: peer {method.peer} not set up (see rwcnet.baselines.peers)"
     return None
 
 
@@ -389,8 +389,8 @@ def score(method: Method, dataset: str, data: Path, cache: Path) -> dict | None:
                str(field_dir(cache, method, dataset)), "--pairs", "val", "--output", str(evaluation)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     scores = json.loads(evaluation.read_text())
-    from rwcnet.datasets import field_names
-    from rwcnet.io import read_field, read_image
+    from rwcnet.data.datasets import field_names
+    from rwcnet.data.formats import read_field, read_image
 
     for pair, record in zip(pairs, records):
         case = scores["cases"][pair.key]

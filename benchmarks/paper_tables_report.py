@@ -117,7 +117,7 @@ def write_report(cache: Path, data: Path, target: Path) -> None:
         if path is None or not path.is_file():
             continue
         if path not in wall_seconds:  # every model file records its training time; rows may share a file
-            wall_seconds[path] = load_model(path)[1].get("wall_seconds")
+            wall_seconds[path] = load_model(path)[1].training.get("wall_seconds")
         seconds = wall_seconds[path]
         training.append(f"| {name} | {organ} | `{path.relative_to(path.parents[2]) if 'train' in path.parts else path.name}` | "
                         f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")

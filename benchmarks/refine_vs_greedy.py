@@ -3,14 +3,14 @@
 Methods, each in its own subprocess with the same thread count, in this order,
 on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 
-* ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.peers``), NCC 2x2x2, no affine;
+* ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.baselines.peers``), NCC 2x2x2, no affine;
 * ``default``: ``register()`` as shipped now (network, IO, then the refinement when it is on by default);
 * ``network+io``: ``register(refine=False)``, the previous default;
 * ``network+refine``: ``register(io=False, refine=True)``;
 * ``io``: ``register(model=None, refine=False)``, instance optimisation alone;
 * ``convexadam``: ``register(method="convexadam")``.
 
-Scores with rwcnet's official metrics (:func:`rwcnet.metrics.score_case`): Dice and HD95 (voxels)
+Scores with rwcnet's official metrics (:func:`rwcnet.evaluation.metrics.score_case`): Dice and HD95 (voxels)
 over the dataset JSON's ``evaluation_labels``, SDlogJ and folds (``det J ≤ 0``, % of voxels).
 Time is the whole ``register`` call (greedy: its registration, measured inside its process),
 peak memory the process's ``VmHWM``. The background training (``/work/runs/train.pid`` when
@@ -56,7 +56,7 @@ def _worker(method: str, data: Path, output: Path, threads: int) -> None:
     """Register the real pair with ``method``; save the field, print a JSON line with time and memory."""
     import torch
 
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
     from rwcnet.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the rwcnet command line does
@@ -64,7 +64,7 @@ def _worker(method: str, data: Path, output: Path, threads: int) -> None:
     root = data / "brain" / "imagesTr"
     fixed, moving = (read_image(root / f"BRAIN_{n}_0000.nii.gz") for n in ("0001", "0002"))
     if method.startswith("greedy"):
-        from rwcnet.peers import run_peer
+        from rwcnet.baselines.peers import run_peer
 
         result = run_peer("greedy", fixed, moving, threads=threads, arguments=(method.split()[1],))
         field, seconds, peak, stages, notes = result.field, result.seconds, result.peak_gb, {}, []
@@ -91,7 +91,7 @@ def _run(method: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def _truth(data: Path) -> dict:
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
 
     root = data / "brain"
     labels = json.loads((root / "BRAIN_dataset.json").read_text())["evaluation_labels"]
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--pause-pid", type=int, default=None, help="process to stop during the run (default: the training's)")
     args = parser.parse_args()
-    from rwcnet.metrics import score_case
+    from rwcnet.evaluation.metrics import score_case
 
     pid_file = Path("/work/runs/train.pid")
     pid = args.pause_pid if args.pause_pid is not None else (int(pid_file.read_text()) if pid_file.is_file() else None)

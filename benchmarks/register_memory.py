@@ -63,8 +63,8 @@ def worker(job: dict) -> dict:
     """Subprocess: register one case and score it; returns seconds, peak GB, accuracy and the notes."""
     import torch
 
-    from rwcnet.io import Image, read_image, read_keypoints
-    from rwcnet.metrics import dice_per_label, tre, warp_labels_nearest
+    from rwcnet.data.formats import Image, read_image, read_keypoints
+    from rwcnet.evaluation.metrics import dice_per_label, tre, warp_labels_nearest
     from rwcnet.register import register
 
     torch.set_num_threads(job["threads"])

@@ -47,7 +47,7 @@ def _register_worker(method: str, data: Path, model: str, output: Path, threads:
     """Run ``rwcnet.register`` on the real pair; save the field and print a JSON line with time and memory."""
     import torch
 
-    from rwcnet.io import read_image
+    from rwcnet.data.formats import read_image
     from rwcnet.register import register
     from rwcnet.runtime import keep_freed_memory
 

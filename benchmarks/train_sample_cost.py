@@ -20,9 +20,9 @@ import time
 import torch
 
 from rwcnet.model.files import build_model
-from rwcnet.train_config import load_config
-from rwcnet.train_data import TrainingData
-from rwcnet.train_steps import sample_loss
+from rwcnet.training.config import load_config
+from rwcnet.training.data import TrainingData
+from rwcnet.training.steps import sample_loss
 
 
 def _load() -> str:

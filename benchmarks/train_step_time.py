@@ -17,9 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from rwcnet.train import train
-from rwcnet.train_config import load_config
-from rwcnet.train_log import read_log
+from rwcnet.training.loop import train
+from rwcnet.training.config import load_config
+from rwcnet.training.log import read_log
 
 
 def main() -> None:

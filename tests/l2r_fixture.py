@@ -1,4 +1,4 @@
-"""Tiny Learn2Reg-layout dataset folders for tests (written with nibabel, independent of rwcnet.io)."""
+"""Tiny Learn2Reg-layout dataset folders for tests (written with nibabel, independent of rwcnet.data.formats)."""
 
 from __future__ import annotations
 

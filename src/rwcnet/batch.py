@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from rwcnet.datasets import field_names
+from rwcnet.data.datasets import field_names
 from rwcnet.errors import InputError
-from rwcnet.io import _suffix, write_field
+from rwcnet.data.formats import _suffix, write_field
 from rwcnet.outputs import atomic_output
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _check_distinct_outputs(jobs: list[Job], source: Path) -> None:
 
 def dataset_jobs(dataset: Path, pairs: str, output_dir: Path) -> list[Job]:
     """Jobs of a Learn2Reg dataset: the field under the newer name, the older name as its symlink (SPEC §4)."""
-    from rwcnet.datasets import Learn2RegDataset
+    from rwcnet.data.datasets import Learn2RegDataset
 
     data = Learn2RegDataset(dataset)
     jobs = []

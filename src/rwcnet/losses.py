@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rwcnet.geometry import sample_field, warp
+from rwcnet.geometry import forward_difference_means, sample_field, warp
 from rwcnet.mind import mind_ssc
+from rwcnet.presets import Presets
 
 Tensor = torch.Tensor
 
@@ -236,13 +237,7 @@ def gradient_regulariser(field: Tensor, kind: Literal["l1", "l2"] = "l1") -> Ten
     Units: voxels per voxel (``l1``) or its square. A field ``u(x) = G x + t``
     gives ``Σ|G| / 9`` (``l1``) or ``Σ G² / 9`` (``l2``); a constant field gives 0.
     """
-    if kind not in ("l1", "l2"):
-        raise ValueError(f"unknown regulariser kind {kind!r}; use 'l1' or 'l2'")
-    terms = []
-    for dim in (2, 3, 4):
-        difference = field.diff(dim=dim)
-        terms.append(difference.abs().mean() if kind == "l1" else difference.pow(2).mean())
-    return sum(terms) / 3.0
+    return sum(forward_difference_means(field, kind)) / 3.0
 
 
 def sequence_weights(iterations: int, gamma: float = 0.8) -> list[float]:
@@ -283,22 +278,15 @@ class LossConfig(BaseModel):
 
 
 #: The paper's training losses: OASIS (MSE 10 + Dice 1 + L1 reg 0.1) and NLST (MSE 10 + TRE 1 + L1 reg 0.1).
-LOSS_PRESETS: dict[str, LossConfig] = {
+LOSS_PRESETS: Presets[LossConfig] = Presets("loss", {
     "oasis": LossConfig(mse=10.0, dice=1.0, tre=0.0, regulariser=0.1),
     "nlst": LossConfig(mse=10.0, dice=0.0, tre=1.0, regulariser=0.1),
-}
+})
 
 
 def loss_config(preset: str | LossConfig = "oasis", **overrides) -> LossConfig:
     """The :class:`LossConfig` of a preset name (or a given config) with the non-``None`` ``overrides`` applied."""
-    if isinstance(preset, LossConfig):
-        base = preset
-    elif preset in LOSS_PRESETS:
-        base = LOSS_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown loss preset {preset!r}; use one of {sorted(LOSS_PRESETS)}")
-    changes = {key: value for key, value in overrides.items() if value is not None}
-    return LossConfig(**{**base.model_dump(), **changes}) if changes else base
+    return LOSS_PRESETS.resolve(preset, **overrides)
 
 
 def _require(term: str, **inputs: object) -> None:

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from rwcnet.errors import InputError
 from rwcnet.geometry import jacobian_determinant
+from rwcnet.geometry.layout import field_array
 from rwcnet.outputs import atomic_output
 
 COLUMNS = ("fixed", "moving", "warped", "|fixed − moving|", "|fixed − warped|", "deformation grid",
@@ -52,21 +53,6 @@ class _Oriented:
     point: tuple[int, int, int]
     names: tuple[str, str, str]
     planes: tuple[str, str, str]
-
-
-def _field_array(field: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A field as ``(X, Y, Z, 3)`` numpy; torch fields may be ``(1, 3, X, Y, Z)`` or ``(3, X, Y, Z)``."""
-    if isinstance(field, torch.Tensor):
-        tensor = field.detach().cpu()
-        if tensor.dim() == 5 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.dim() != 4 or tensor.shape[0] != 3:
-            raise ValueError(f"torch field of shape {tuple(field.shape)}; expected (1, 3, X, Y, Z)")
-        return tensor.permute(1, 2, 3, 0).numpy()
-    array = np.asarray(field)
-    if array.ndim != 4 or array.shape[3] != 3:
-        raise ValueError(f"field of shape {array.shape}; expected (X, Y, Z, 3)")
-    return array
 
 
 def _orient(images: list[np.ndarray], field: np.ndarray, spacing: np.ndarray, point: tuple[int, int, int],
@@ -168,7 +154,7 @@ def qc_figure(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise InputError(f"{path}: the QC picture is written as PNG; give a file name ending in .png")
-    field = _field_array(field)
+    field = field_array(field)
     images = [np.asarray(a) for a in (fixed, moving, warped)]
     shape = field.shape[:3]
     for name, image in zip(("fixed", "moving", "warped"), images):

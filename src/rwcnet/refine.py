@@ -31,7 +31,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
-from rwcnet.optimize import mind_pair
+from rwcnet.instance_optimisation import mind_pair
+from rwcnet.presets import Presets
 
 Tensor = torch.Tensor
 #: ``progress(step, total, similarity)`` after every iteration (steps counted over all levels).
@@ -63,22 +64,15 @@ class RefineConfig(BaseModel):
 #: smoothed a little more (σ 1 instead of 0.7071 voxels), which on the real pair 0001<-0002 after the
 #: network cut folds from 0.33 % to 0.10 % of voxels and SDlogJ from 0.087 to 0.075 for 0.013 Dice.
 #: lung: greedy's defaults as they are (not tuned yet).
-REFINE_PRESETS: dict[str, RefineConfig] = {
+REFINE_PRESETS: Presets[RefineConfig] = Presets("refinement", {
     "brain": RefineConfig(sigma_field=1.0),
     "lung": RefineConfig(),
-}
+})
 
 
 def refine_config(preset: str | RefineConfig = "brain", **overrides) -> RefineConfig:
     """The :class:`RefineConfig` of a preset name (or a given config) with the non-``None`` ``overrides`` applied."""
-    if isinstance(preset, RefineConfig):
-        base = preset
-    elif preset in REFINE_PRESETS:
-        base = REFINE_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown refinement preset {preset!r}; use one of {sorted(REFINE_PRESETS)}")
-    changes = {key: value for key, value in overrides.items() if value is not None}
-    config = RefineConfig(**{**base.model_dump(), **changes}) if changes else base
+    config = REFINE_PRESETS.resolve(preset, **overrides)
     if len(config.levels) != len(config.iterations):
         raise ValueError(f"refinement: {len(config.levels)} levels but {len(config.iterations)} iteration counts")
     return config

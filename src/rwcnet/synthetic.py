@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import field_array
 from rwcnet.masks import sample_keypoints
 
 Tensor = torch.Tensor
@@ -243,13 +245,14 @@ def intensity_perturbation(image: Tensor, *, bias_strength: float = 0.1, gamma_r
     return unit * (hi - lo) + lo
 
 
-@dataclass(frozen=True)
-class IntensitySettings:
-    """Parameters of :func:`intensity_perturbation`."""
+class IntensitySettings(BaseModel):
+    """Parameters of :func:`intensity_perturbation` (also the ``intensity`` section of a training config)."""
 
-    bias_strength: float = 0.1
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bias_strength: float = Field(0.1, ge=0)
     gamma_range: tuple[float, float] = (0.8, 1.25)
-    noise_std: float = 0.01
+    noise_std: float = Field(0.01, ge=0)
 
 
 @dataclass
@@ -278,7 +281,7 @@ class SyntheticPair:
 
     def field_l2r(self) -> np.ndarray:
         """The field in the Learn2Reg layout ``(X, Y, Z, 3)`` float32 (voxels, fixed grid)."""
-        return self.field[0].permute(1, 2, 3, 0).detach().cpu().numpy().astype(np.float32)
+        return field_array(self.field).astype(np.float32)
 
 
 def _as_volume(array, *, dtype=None, device=None) -> Tensor:
@@ -336,7 +339,7 @@ def make_pair(image, *, labels=None, mask=None, keypoints=None, n_keypoints: int
 
     warped = geometry.warp(volume, warp_field)
     if intensity is not None:
-        warped = intensity_perturbation(warped, **asdict(intensity), seed=seed + 1)
+        warped = intensity_perturbation(warped, **intensity.model_dump(), seed=seed + 1)
     label_map = None if labels is None else _as_volume(labels, device=volume.device)
     mask_map = None if mask is None else _as_volume(mask, dtype=torch.uint8, device=volume.device)
     warped_labels = None if label_map is None else geometry.warp_labels(label_map, warp_field, method=label_method)

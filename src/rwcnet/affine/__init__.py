@@ -17,7 +17,7 @@ from rwcnet.affine.sitk_engine import SITK_METRICS, sitk_affine
 from rwcnet.affine.transforms import (affine_field, matrix_about, point_errors, read_itk_transform, resample_moving,
                                       rotation_matrix, to_itk, write_itk_transform)
 from rwcnet.errors import InputError
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 
 __all__ = ["AffineResult", "register_affine", "initial_transform", "affine_field", "matrix_about", "point_errors",
            "read_itk_transform", "resample_moving", "rotation_matrix", "to_itk", "write_itk_transform"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rwcnet.geometry import identity_grid, sample
-from rwcnet.io import Image
+from rwcnet.data.formats import Image
 from rwcnet.mind import mind_ssc
 
 Tensor = torch.Tensor

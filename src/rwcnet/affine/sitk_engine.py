@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from rwcnet.affine.transforms import linear_matrix, to_itk
-from rwcnet.io import Image, _to_sitk
+from rwcnet.data.formats import Image, _to_sitk
 
 SITK_METRICS = ("mi", "ncc")
 

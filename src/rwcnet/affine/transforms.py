@@ -16,7 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from rwcnet.errors import InputError
-from rwcnet.io import Image, _sitk_message, resample_image
+from rwcnet.geometry.resample import resample_image
+from rwcnet.data.formats import Image, _sitk_message
 from rwcnet.outputs import atomic_output
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse

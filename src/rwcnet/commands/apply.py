@@ -17,8 +17,9 @@ import typer
 
 from rwcnet.errors import InputError
 from rwcnet.geometry import invert_points, transform_points, warp, warp_labels
-from rwcnet.grids import Grid, check_field_fits, field_header_grid, sampling_field
-from rwcnet.io import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
+from rwcnet.geometry.grids import Grid, check_field_fits, field_header_grid, sampling_field
+from rwcnet.geometry.layout import field_tensor
+from rwcnet.data.formats import NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, read_field, read_image, read_keypoints, write_image
 from rwcnet.outputs import atomic_output, check_outputs, written_together
 
 INVERSE_TOLERANCE = 0.01  # voxels: largest accepted |x + u(x) - p| of an inverted keypoint
@@ -38,11 +39,6 @@ class PointSpace(str, Enum):
     fixed = "fixed"
 
 
-def _field_tensor(field: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """``(X, Y, Z, 3)`` numpy field to torch ``(1, 3, X, Y, Z)``."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(field, 3, 0))).to(dtype)[None]
-
-
 def warp_image(array: np.ndarray, field: np.ndarray) -> np.ndarray:
     """Warp a moving image ``(I, J, K)`` trilinearly by a field ``(X, Y, Z, 3)`` (voxels); ``(X, Y, Z)``, dtype kept.
 
@@ -50,7 +46,7 @@ def warp_image(array: np.ndarray, field: np.ndarray) -> np.ndarray:
     integer images are rounded and clipped to their type's range.
     """
     moving = torch.from_numpy(np.asarray(array, dtype=np.float64))[None, None]
-    warped = warp(moving, _field_tensor(field, torch.float64))[0, 0].numpy()
+    warped = warp(moving, field_tensor(field, torch.float64))[0, 0].numpy()
     if array.dtype.kind == "b":
         return warped >= 0.5
     if array.dtype.kind in "iu":
@@ -69,7 +65,7 @@ def warp_label_map(array: np.ndarray, field: np.ndarray, method: str = "onehot")
     if array.dtype.kind == "f" and not np.array_equal(values, array):
         raise ValueError("holds non-integer values, so it is not a label map")
     labels = torch.from_numpy(values.astype(np.int64))[None, None]
-    warped = warp_labels(labels, _field_tensor(field, torch.float32), method=method)[0, 0].numpy()
+    warped = warp_labels(labels, field_tensor(field, torch.float32), method=method)[0, 0].numpy()
     return warped.astype(array.dtype)
 
 
@@ -81,7 +77,7 @@ def move_keypoints(points: np.ndarray, field: np.ndarray, space: str = "moving")
     ``x + u(x) = p`` by fixed-point iteration. Returns the points and the
     largest residual ``|x + u(x) - p|`` in voxels (0 for the forward map).
     """
-    tensor = _field_tensor(field, torch.float64)
+    tensor = field_tensor(field, torch.float64)
     source = torch.from_numpy(np.asarray(points, dtype=np.float64))[None]
     if space == "fixed":
         return transform_points(source, tensor)[0].numpy(), 0.0
@@ -103,7 +99,7 @@ def _check_points(points: np.ndarray, shape: tuple[int, int, int], path: Path, g
 
 
 def _write_keypoints(path: Path, points: np.ndarray) -> None:
-    """Write ``(N, 3)`` voxel indices as a CSV that :func:`rwcnet.io.read_keypoints` reads, atomically."""
+    """Write ``(N, 3)`` voxel indices as a CSV that :func:`rwcnet.data.formats.read_keypoints` reads, atomically."""
     with atomic_output(path) as tmp:
         np.savetxt(tmp, points, fmt="%.6f", delimiter=",")
 

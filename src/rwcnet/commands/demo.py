@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rwcnet import metrics
+from rwcnet.evaluation import metrics
 from rwcnet.errors import InputError
-from rwcnet.io import Image, write_image
+from rwcnet.data.formats import Image, write_image
 from rwcnet.outputs import check_output_folder, written_together
 from rwcnet.synthetic import IntensitySettings, make_pair, random_deformation
 

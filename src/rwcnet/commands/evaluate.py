@@ -39,13 +39,13 @@ import numpy as np
 import typer
 
 from rwcnet.commands.score_tables import print_case_table, print_label_table
-from rwcnet.datasets import Learn2RegDataset, Pair, find_field, image_id
+from rwcnet.data.datasets import Learn2RegDataset, Pair, find_field, image_id
 from rwcnet.errors import InputError
-from rwcnet.grids import PHYSICAL, VOXEL, Grid, check_field_fits, common_grid, field_header_grid, grid_difference, \
+from rwcnet.geometry.grids import PHYSICAL, VOXEL, Grid, check_field_fits, common_grid, field_header_grid, grid_difference, \
     image_grid, sampling_field
-from rwcnet.io import Image, read_field, read_image, read_keypoints
-from rwcnet.label_names import dataset_label_names, name_labels
-from rwcnet.metrics import aggregate, score_case
+from rwcnet.data.formats import Image, read_field, read_image, read_keypoints
+from rwcnet.evaluation.label_names import dataset_label_names, name_labels
+from rwcnet.evaluation.metrics import aggregate, score_case
 from rwcnet.outputs import atomic_output, check_outputs
 
 OFFICIAL_METRICS = ("dice", "hd95", "sdlogj", "tre")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ import typer
 from rich.console import Console
 
 from rwcnet.errors import InputError
-from rwcnet.io import FIELD_SUFFIXES, NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, write_field, write_image, write_itk_field
+from rwcnet.data.formats import FIELD_SUFFIXES, NIFTI_SUFFIXES, WRITABLE_ITK_SUFFIXES, write_field, write_image, write_itk_field
 from rwcnet.outputs import check_output_folder, check_outputs, written_together
 from rwcnet.progress import StageProgress
 from rwcnet.register import RegistrationResult, register as run_registration

@@ -13,7 +13,7 @@ from rwcnet.errors import InputError
 
 def _grid(reference, factor: int):
     """The reference grid ``factor`` times coarser (cell-centred voxels over the same box): an :class:`Image` template."""
-    from rwcnet.io import Image
+    from rwcnet.data.formats import Image
 
     affine = reference.affine.copy()
     affine[:3, :3] = reference.affine[:3, :3] * factor
@@ -42,9 +42,9 @@ def synth_preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rwcnet.io import read_image, write_image
-    from rwcnet.train_config import load_config
-    from rwcnet.train_data import TrainingData
+    from rwcnet.data.formats import read_image, write_image
+    from rwcnet.training.config import load_config
+    from rwcnet.training.data import TrainingData
 
     settings = load_config(config)
     if settings.data.synthmorph is None:

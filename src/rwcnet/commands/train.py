@@ -28,8 +28,8 @@ def train(
     command with --resume to continue exactly. Under torchrun each process
     trains on its own share of every batch; only rank 0 writes.
     """
-    from rwcnet.train import TrainingInterrupted, train as run_training
-    from rwcnet.train_config import dump_config, load_config
+    from rwcnet.training.loop import TrainingInterrupted, train as run_training
+    from rwcnet.training.config import dump_config, load_config
 
     settings = load_config(config)
     if data is not None:
@@ -67,7 +67,7 @@ def plot_log(
     smooth: int = typer.Option(20, "--smooth", min=1, help="steps averaged for the training curves"),
 ) -> None:
     """Plot the training and validation curves of a training log to a PNG."""
-    from rwcnet.train_log import plot_log as plot
+    from rwcnet.training.log import plot_log as plot
 
     check_outputs((output, (".png",), "the plot (PNG)"))
     plotted = plot(log, output, smooth=smooth)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.model.config import ModelConfig
-from rwcnet.model.stage import RecurrentStage
+from rwcnet.model.stage import RecurrentStage, ReferenceStage
 from rwcnet.model.tiling import Box, Tile, plan_tiles, run_tiled
 from rwcnet.model.update import ConvexUpsampler
 
@@ -20,7 +21,6 @@ class StageResult:
     """What one stage produced, on its own grid (voxels of that grid)."""
 
     field: torch.Tensor  # (B, 3, X_s, Y_s, Z_s): total field after this stage
-    prior: torch.Tensor  # (B, 3, X_s, Y_s, Z_s): total field before this stage
     hidden: torch.Tensor  # (B, H, X_s, Y_s, Z_s)
     sequence: list[torch.Tensor] = dataclass_field(default_factory=list)  # total field after each iteration
     origin: tuple[int, int, int] = (0, 0, 0)  # stage-grid voxel where the field starts (training regions)
@@ -67,13 +67,18 @@ class RWCNet(StagewiseModel):
 
     Inputs are normalised images ``(B, 1, X, Y, Z)`` on the same grid, of any
     size (padded internally to a multiple of ``config.alignment`` and cropped
-    back). The output is a pull-back field in voxels on that grid.
+    back). The output is a pull-back field in voxels on that grid. A config with
+    ``reference_compat`` is built as :class:`ReferenceRWCNet` (``rwcnet.model.files.build_model``).
     """
+
+    stage_class: type[RecurrentStage] = RecurrentStage
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.reference_compat != isinstance(self, ReferenceRWCNet):
+            raise ValueError("a reference_compat config is built as ReferenceRWCNet (see rwcnet.model.files.build_model)")
         self.config = config
-        self.stages = nn.ModuleList(RecurrentStage(stage, config) for stage in config.stages)
+        self.stages = nn.ModuleList(self.stage_class(stage, config) for stage in config.stages)
         self.carry = nn.ModuleList(
             nn.Identity() if prev.hidden_channels == cur.hidden_channels else nn.Conv3d(prev.hidden_channels, cur.hidden_channels, 1)
             for prev, cur in zip(config.stages, config.stages[1:])
@@ -108,8 +113,7 @@ class RWCNet(StagewiseModel):
         shape = fixed.shape[2:]
         align = self.config.alignment
         pad = [(-n) % align for n in shape]
-        padding = [p for n in reversed(pad) for p in (0, n)]
-        fixed_p, moving_p = (F.pad(x, padding, mode="replicate") if any(pad) else x for x in (fixed, moving))
+        fixed_p, moving_p = (pad_to_multiple(x, align) for x in (fixed, moving))
         full = fixed_p.shape[2:]
         count = len(self.stages) if num_stages is None else num_stages
         results: list[StageResult] = []
@@ -131,12 +135,12 @@ class RWCNet(StagewiseModel):
         return CascadeOutput(field[(slice(None), slice(None), *(slice(0, n) for n in shape))], results)
 
     def _upsample(self, tensor: torch.Tensor, shape: tuple[int, ...], is_field: bool) -> torch.Tensor:
-        if self.config.reference_compat:
-            up = F.interpolate(tensor, size=shape, mode="nearest")
-            if is_field:
-                up = up * (shape[0] / tensor.shape[2])
-            return up
+        """A coarser stage's field (vectors rescaled) or hidden state on a finer grid."""
         return geometry.resize_field(tensor, shape) if is_field else geometry.resize_volume(tensor, shape)
+
+    def _carried(self, carried: torch.Tensor, index: int) -> torch.Tensor:
+        """The hidden state carried into stage ``index`` from the one before (as it is)."""
+        return carried
 
     def _run_stage(
         self,
@@ -161,15 +165,12 @@ class RWCNet(StagewiseModel):
         state = stage.encode(fixed_s, moving_s, prior)
         if previous is not None:
             carried = self.carry[index - 1](self._upsample(previous.hidden, grid, is_field=False))
-            if self.config.reference_compat and self.training:
-                carried = carried * (self.config.stages[index - 1].downsample // config.downsample)
-            state.hidden = state.hidden + carried
+            state.hidden = state.hidden + self._carried(carried, index)
         if region is not None:
             residual, hidden, flows = stage.iterate(state, region)
             origin = tuple(s.start for s in region)
             return StageResult(
                 field=geometry.compose(residual, prior, origin=origin),
-                prior=prior[(slice(None), slice(None), *region)],
                 hidden=hidden,
                 sequence=[geometry.compose(flow, prior, origin=origin) for flow in flows] if sequence else [],
                 origin=origin,
@@ -187,7 +188,6 @@ class RWCNet(StagewiseModel):
         steps = [out[f"step{i}"] for i in range(config.iterations)] if sequence else []
         return StageResult(
             field=geometry.compose(out["residual"], prior),
-            prior=prior,
             hidden=out["hidden"],
             sequence=[geometry.compose(step, prior) for step in steps],
         )
@@ -198,3 +198,23 @@ class RWCNet(StagewiseModel):
         if final and self.upsampler is not None:
             return self.upsampler(result.field, result.hidden)
         return self._upsample(result.field, tuple(full), is_field=True)
+
+
+class ReferenceRWCNet(RWCNet):
+    """RWCNet with the reference code's defects, for the ablation (``ModelConfig.reference_compat``).
+
+    Its stages are :class:`~rwcnet.model.stage.ReferenceStage`; coarse fields and hidden states are
+    upsampled by nearest neighbour (fields scaled by the first axis' ratio), and in training the
+    carried hidden state is multiplied by the ratio of the two stages' downsampling factors.
+    """
+
+    stage_class = ReferenceStage
+
+    def _upsample(self, tensor: torch.Tensor, shape: tuple[int, ...], is_field: bool) -> torch.Tensor:
+        up = F.interpolate(tensor, size=shape, mode="nearest")
+        return up * (shape[0] / tensor.shape[2]) if is_field else up
+
+    def _carried(self, carried: torch.Tensor, index: int) -> torch.Tensor:
+        if not self.training:
+            return carried
+        return carried * (self.config.stages[index - 1].downsample // self.config.stages[index].downsample)

@@ -1,6 +1,6 @@
 """Network configuration: one validated object per stage, one for the cascade, and named presets.
 
-Presets (``model_preset(name)``):
+Presets (``rwcnet_preset(name)``; :func:`rwcnet.model.presets.model_preset` also knows LapIRN's):
 
 * ``reference`` — the paper's Table 1 with the reference code's sizes (a GPU design):
   1/4, 1/2 and full resolution, 12/12/4 iterations, radius 3/3/2, patch factor 1/0.5/0.5,
@@ -15,12 +15,9 @@ Presets (``model_preset(name)``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-if TYPE_CHECKING:
-    from rwcnet.model.lapirn import LapIRNConfig
 
 
 class StageConfig(BaseModel):
@@ -166,13 +163,8 @@ def _ablate(config: ModelConfig, ablation: str) -> ModelConfig:
 PRESETS = ("reference", "cpu", "single_resolution", "no_correlation", "steps=2", "lapirn", "lapirn-cpu")
 
 
-def model_preset(name: str) -> "ModelConfig | LapIRNConfig":
-    """A network preset by name: ``reference``, ``cpu``, an ablation, ``<base>:<ablation>``, or the
-    LapIRN comparator's ``lapirn``/``lapirn-cpu`` (a :class:`~rwcnet.model.lapirn.LapIRNConfig`)."""
-    if name.startswith("lapirn"):
-        from rwcnet.model.lapirn import lapirn_preset  # imported here: lapirn imports the cascade, which imports this module
-
-        return lapirn_preset(name)
+def rwcnet_preset(name: str) -> ModelConfig:
+    """An RWCNet preset by name: ``reference``, ``cpu``, an ablation or ``<base>:<ablation>``."""
     base, _, ablation = name.partition(":")
     if base in _BASES:
         config = _BASES[base]()

@@ -41,8 +41,10 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from rwcnet.geometry.layout import integer_shifts
 
 Tensor = torch.Tensor
 
@@ -58,8 +60,7 @@ _BOX_CHANNELS = 7
 
 def shift_offsets(radius: int) -> list[tuple[int, int, int]]:
     """The ``(2r+1)^3`` shifts ``(d0, d1, d2)`` in output-channel order (d0 outermost)."""
-    span = range(-radius, radius + 1)
-    return [(d0, d1, d2) for d0 in span for d1 in span for d2 in span]
+    return integer_shifts(radius)
 
 
 def soft_argmax(cost: Tensor, radius: int, kind: str, temperature: Tensor | float = 1.0) -> Tensor:
@@ -301,26 +302,3 @@ def local_correlation(fixed_features: Tensor, moving_features: Tensor, radius: i
         )
     function = _DotCorrelation if kind == "dot" else _SadCorrelation
     return function.apply(fixed_features, moving_features, radius)
-
-
-class Correlation(nn.Module):
-    """Module form of :func:`local_correlation` with a fixed ``radius`` and ``kind``."""
-
-    def __init__(self, radius: int, kind: str = "dot") -> None:
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"correlation kind must be one of {KINDS}, got {kind!r}")
-        self.radius = radius
-        self.kind = kind
-
-    @property
-    def channels(self) -> int:
-        """Number of output channels, ``(2r+1)^3``."""
-        return (2 * self.radius + 1) ** 3
-
-    def forward(self, fixed_features: Tensor, moving_features: Tensor) -> Tensor:
-        """``(B, C, X, Y, Z)`` twice -> ``(B, (2r+1)^3, X, Y, Z)``."""
-        return local_correlation(fixed_features, moving_features, self.radius, self.kind)
-
-    def extra_repr(self) -> str:
-        return f"radius={self.radius}, kind={self.kind!r}"

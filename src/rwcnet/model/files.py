@@ -4,8 +4,8 @@ The metadata records what the model expects of its inputs (working spacing
 and orientation, intensity normalisation, the ``modality`` it was trained on:
 ``mr`` or ``ct``) and how it was trained, so that ``register`` can prepare
 images the same way and say when a model is used on another modality.
-A file written before ``modality`` was recorded (such as the first shipped
-``brain.pt``) holds MR weights and reads as ``mr``.
+It is a :class:`rwcnet.model.metadata.ModelMetadata`, validated on load; files of format 1
+(such as the first shipped ``brain.pt``) are read through its versioned reader.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from typing import Any
 import torch
 
 from rwcnet.errors import InputError
-from rwcnet.model.cascade import RWCNet
-from rwcnet.model.config import ModelConfig, model_preset
+from rwcnet.model.cascade import ReferenceRWCNet, RWCNet
+from rwcnet.model.config import ModelConfig
 from rwcnet.model.lapirn import LapIRN, LapIRNConfig
+from rwcnet.model.presets import model_preset
+from rwcnet.model.metadata import ModelMetadata
 from rwcnet.outputs import atomic_output
 
 FORMAT = "rwcnet-model"
-FORMAT_VERSION = 1
-MODALITIES = ("mr", "ct")
-#: The modality of a model file whose metadata does not record one (files from before it was recorded).
-DEFAULT_MODALITY = "mr"
+FORMAT_VERSION = 2
+#: Versions this rwcnet reads (1: flat metadata dict, see :mod:`rwcnet.model.metadata`).
+READABLE_VERSIONS = (1, 2)
+
 
 
 def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCNet | LapIRN:
@@ -34,32 +36,26 @@ def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCN
         spec = model_preset(spec)
     elif isinstance(spec, dict):
         spec = LapIRNConfig.model_validate(spec) if spec.get("kind") == "lapirn" else ModelConfig.model_validate(spec)
-    return LapIRN(spec) if isinstance(spec, LapIRNConfig) else RWCNet(spec)
+    if isinstance(spec, LapIRNConfig):
+        return LapIRN(spec)
+    return ReferenceRWCNet(spec) if spec.reference_compat else RWCNet(spec)
 
 
-def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``model`` with its config and ``metadata`` to ``path`` atomically.
-
-    ``metadata["modality"]``, when given, must be one of :data:`MODALITIES`.
-    """
-    modality = (metadata or {}).get("modality")
-    if modality is not None and modality not in MODALITIES:
-        raise ValueError(f"model modality must be one of {MODALITIES}, not {modality!r}")
+def save_model(path: str | Path, model: RWCNet | LapIRN, metadata: ModelMetadata | None = None) -> None:
+    """Write ``model`` with its config and ``metadata`` (format :data:`FORMAT_VERSION`) to ``path`` atomically."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.model_dump(),
-        "metadata": dict(metadata or {}),
+        "metadata": (metadata or ModelMetadata()).to_dict(),
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
     }
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[RWCNet | LapIRN, dict[str, Any]]:
-    """Read a model file; returns the network (eval mode) and its metadata.
-
-    The metadata always has ``modality`` (``mr`` when the file does not record it).
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[RWCNet | LapIRN, ModelMetadata]:
+    """Read a model file of a readable format version; returns the network (eval mode) and its validated metadata.
 
     Raises :class:`InputError` naming the file when it is missing, not a
     model file, of another format version, or its weights do not fit its config.
@@ -74,15 +70,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"{path}: not an rwcnet model file")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise InputError(f"{path}: model file format version {version}, this rwcnet reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise InputError(f"{path}: model file format version {version}, this rwcnet reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
         model = build_model(dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as error:
         raise InputError(f"{path}: model config or weights are incompatible with this rwcnet: {error}") from error
-    metadata = dict(payload.get("metadata") or {})
-    metadata.setdefault("modality", DEFAULT_MODALITY)
-    if metadata["modality"] not in MODALITIES:
-        raise InputError(f"{path}: unknown model modality {metadata['modality']!r} (expected one of {MODALITIES})")
+    try:
+        metadata = ModelMetadata.read(payload.get("metadata"), version)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{path}: invalid model metadata: {error}") from error
     return model.to(device).eval(), metadata

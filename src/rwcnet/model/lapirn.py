@@ -9,7 +9,7 @@ scaling and squaring). Coarse levels are trained first and frozen while a finer
 one trains, with the same ``forward``/``freeze_stages`` interface as
 :class:`~rwcnet.model.cascade.RWCNet`, so the training loop runs it unchanged.
 
-Presets (``lapirn_preset(name)``, also reachable through ``model_preset``):
+Presets (``lapirn_preset(name)``, also reachable through :func:`rwcnet.model.presets.model_preset`):
 
 * ``lapirn`` — widths of the LapIRN paper's order (28 channels, one stride-2
   level, 5 residual blocks); a GPU design.
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from rwcnet import geometry
+from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.model.cascade import CascadeOutput, StageResult, StagewiseModel
 from rwcnet.model.tiling import Box
 
@@ -182,8 +182,7 @@ class LapIRN(StagewiseModel):
         pad = [(-n) % align for n in shape]
         if region is not None and any(pad):
             raise ValueError(f"a training region needs sizes that are multiples of {align}, got {tuple(shape)}")
-        padding = [p for n in reversed(pad) for p in (0, n)]
-        fixed_p, moving_p = (F.pad(x, padding, mode="replicate") if any(pad) else x for x in (fixed, moving))
+        fixed_p, moving_p = (pad_to_multiple(x, align) for x in (fixed, moving))
         results: list[StageResult] = []
         for index in range(count):
             with torch.set_grad_enabled(index >= self.frozen_stages and torch.is_grad_enabled()):
@@ -232,7 +231,6 @@ class LapIRN(StagewiseModel):
         field = prior[box] + residual  # LapIRN's pyramid step: upsampled coarse field + this level's residual
         return StageResult(
             field=field,
-            prior=prior[box],
             hidden=features,
             sequence=[field] if sequence else [],
             origin=tuple(s.start for s in region) if region is not None else (0, 0, 0),

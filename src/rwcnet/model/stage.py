@@ -13,7 +13,7 @@ from rwcnet import geometry
 from rwcnet.model.config import ModelConfig, StageConfig
 from rwcnet.model.correlation import local_correlation, soft_argmax
 from rwcnet.model.encoders import ContextEncoder, FeatureEncoder
-from rwcnet.model.update import FlowHead, MotionEncoder, UpdateGRU
+from rwcnet.model.update import ConvGRU, FlowHead, MotionEncoder, ReferenceConvGRU, UpdateGRU
 
 
 @dataclass
@@ -55,10 +55,11 @@ def box_mean(volume: torch.Tensor, width: int) -> torch.Tensor:
 class RecurrentStage(nn.Module):
     """Feature/context encoders and the update block of one stage, with its own weights."""
 
+    gru_cell: type[ConvGRU] = ConvGRU
+
     def __init__(self, config: StageConfig, model: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.reference_compat = model.reference_compat
         self.detach_flow = model.detach_flow
         c = config.feature_channels
         self.features = FeatureEncoder(c, config.encoder_width, model.dropout)
@@ -66,9 +67,7 @@ class RecurrentStage(nn.Module):
         cost_channels = 2 * c if config.correlation == "none" else (2 * config.radius + 1) ** 3
         self.motion = MotionEncoder(cost_channels, config.motion_channels, config.flow_kernel, config.motion_out_kernel)
         gru_inputs = config.motion_channels + c + config.context_channels
-        self.gru = UpdateGRU(
-            config.hidden_channels, gru_inputs, config.gru_kernel, config.separable_gru, model.reference_compat
-        )
+        self.gru = UpdateGRU(config.hidden_channels, gru_inputs, config.gru_kernel, config.separable_gru, self.gru_cell)
         self.head = FlowHead(config.hidden_channels, config.head_channels, model.flow_head_init_scale)
         if config.readout and config.correlation == "none":
             raise ValueError("readout needs a correlation (dot or sad)")
@@ -82,6 +81,15 @@ class RecurrentStage(nn.Module):
         features = self.features(torch.cat([fixed, moving], dim=0))
         hidden, context = self.context(moving, prior_flow)
         return StageState(features[:batch], features[batch:], moving, hidden, context)
+
+    def _next_moving_features(self, state: StageState, origin: tuple[int, int, int], flow: torch.Tensor,
+                              moving_features: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The moving features for the next iteration: sampled afresh at ``region + flow``."""
+        return self._moving_features(state, origin, flow)
+
+    def _motion_flow(self, flow: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The field the motion encoder sees: the current flow."""
+        return flow
 
     def _moving_features(self, state: StageState, origin: tuple[int, int, int], flow: torch.Tensor) -> torch.Tensor:
         """Moving features at ``region + flow``: warped features, or features of the re-warped image."""
@@ -121,12 +129,9 @@ class RecurrentStage(nn.Module):
             if self.detach_flow:
                 flow = flow.detach()
             if step > 0:
-                if self.reference_compat:
-                    moving_features = geometry.warp(moving_features, delta)
-                else:
-                    moving_features = self._moving_features(state, origin, flow)
+                moving_features = self._next_moving_features(state, origin, flow, moving_features, delta)
             cost = self._cost(fixed_features, moving_features)
-            motion = self.motion(cost, delta if self.reference_compat else flow)
+            motion = self.motion(cost, self._motion_flow(flow, delta))
             hidden = self.gru(hidden, torch.cat([motion, moving_features, context], dim=1))
             delta = self.head(hidden)
             if self.config.readout:
@@ -134,3 +139,17 @@ class RecurrentStage(nn.Module):
             flow = flow + delta  # u_{k+1} = u_k + Δu_k
             flows.append(flow)
         return flow, hidden, flows
+
+
+class ReferenceStage(RecurrentStage):
+    """The reference code's stage: its GRU cell, moving features warped by the last update only
+    (not resampled at the total flow), and the motion encoder fed the last update instead of the flow."""
+
+    gru_cell = ReferenceConvGRU
+
+    def _next_moving_features(self, state: StageState, origin: tuple[int, int, int], flow: torch.Tensor,
+                              moving_features: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return geometry.warp(moving_features, delta)
+
+    def _motion_flow(self, flow: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return delta

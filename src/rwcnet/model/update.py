@@ -42,38 +42,44 @@ class ConvGRU(nn.Module):
     """3D convolutional GRU cell with kernel ``kernel`` (a 3-tuple, so 1-D passes are possible).
 
     ``z = σ(W_z [h, x])``, ``r = σ(W_r [h, x])``, ``q = tanh(W_q [r ⊙ h, x])``,
-    ``h' = (1 − z) ⊙ h + z ⊙ q``. With ``reference_compat`` the reset gate reuses
-    the update gate's convolution, as the reference code does.
+    ``h' = (1 − z) ⊙ h + z ⊙ q``.
     """
 
-    def __init__(
-        self, hidden: int, inputs: int, kernel: tuple[int, int, int], reference_compat: bool = False
-    ) -> None:
+    def __init__(self, hidden: int, inputs: int, kernel: tuple[int, int, int]) -> None:
         super().__init__()
         self.hidden = hidden
-        self.reference_compat = reference_compat
         self.gates = FastConv3d(hidden + inputs, 2 * hidden, kernel)
         self.candidate = FastConv3d(hidden + inputs, hidden, kernel)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        hx = torch.cat([h, x], dim=1)
+    def update_and_reset(self, hx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update gate ``z`` and the reset gate ``r`` of ``[h, x]``."""
         z, r = torch.sigmoid(self.gates(hx)).split(self.hidden, dim=1)
-        if self.reference_compat:
-            r = z
+        return z, r
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        z, r = self.update_and_reset(torch.cat([h, x], dim=1))
         q = torch.tanh(self.candidate(torch.cat([r * h, x], dim=1)))
         return (1 - z) * h + z * q
+
+
+class ReferenceConvGRU(ConvGRU):
+    """The reference code's cell: the reset gate reuses the update gate (``r = z``); same weights as :class:`ConvGRU`."""
+
+    def update_and_reset(self, hx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, _ = super().update_and_reset(hx)
+        return z, z
 
 
 class UpdateGRU(nn.Module):
     """Dense ``k^3`` ConvGRU, or the separable variant: three GRU passes with ``k×1×1``, ``1×k×1``, ``1×1×k``."""
 
-    def __init__(self, hidden: int, inputs: int, kernel: int, separable: bool, reference_compat: bool) -> None:
+    def __init__(self, hidden: int, inputs: int, kernel: int, separable: bool, cell: type[ConvGRU] = ConvGRU) -> None:
         super().__init__()
         if separable:
             kernels = [(kernel, 1, 1), (1, kernel, 1), (1, 1, kernel)]
         else:
             kernels = [(kernel, kernel, kernel)]
-        self.cells = nn.ModuleList(ConvGRU(hidden, inputs, k, reference_compat) for k in kernels)
+        self.cells = nn.ModuleList(cell(hidden, inputs, k) for k in kernels)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         for cell in self.cells:

@@ -1,0 +1,120 @@
+"""The :class:`Method` interface, the settings methods are built from, and the registry of methods and chains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from rwcnet.errors import InputError
+from rwcnet.intensity import normalise
+from rwcnet.pipeline.instrument import Instrumentation
+from rwcnet.pipeline.pair import Intensities, PreparedPair
+from rwcnet.refine import REFINE_PRESETS, RefineConfig, refine_config
+
+Tensor = torch.Tensor
+
+#: The instance-optimisation (and refinement, ConvexAdam) preset of each modality.
+MODALITY_PRESET = {"mr": "brain", "ct": "lung"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated options of :func:`rwcnet.register.register` that methods are built from."""
+
+    model: str | Path | None
+    io: bool
+    io_iterations: int | None
+    modality: str
+    ct_range: str
+    refine: bool
+    refine_metric: str
+    refinement: RefineConfig
+    device: torch.device
+
+    @property
+    def preset(self) -> str:
+        """``brain`` or ``lung``: the modality's preset of instance optimisation, refinement and ConvexAdam."""
+        return MODALITY_PRESET[self.modality]
+
+    @classmethod
+    def checked(cls, *, modality: str, refine_metric: str, refine_iterations: tuple[int, ...] | None,
+                **options) -> "Settings":
+        """Settings from :func:`register`'s options; raises :class:`InputError` for an unknown choice."""
+        if modality not in MODALITY_PRESET:
+            raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
+        if refine_metric not in ("auto", "ncc", "mind"):
+            raise InputError(f"unknown refinement metric {refine_metric!r}; use auto, ncc or mind")
+        try:
+            refinement = refine_config(REFINE_PRESETS[MODALITY_PRESET[modality]], iterations=refine_iterations)
+        except ValueError as error:
+            raise InputError(f"--refine-iters: {error}") from error
+        return cls(modality=modality, refine_metric=refine_metric, refinement=refinement, **options)
+
+
+class Method:
+    """One registration method of a chain (see :mod:`rwcnet.pipeline` for the contract).
+
+    Subclasses set ``stage`` (the name the progress display shows; ``None`` when the method
+    announces its own stages), ``key`` (its entry in the result's ``seconds``), optionally
+    ``intensities`` (how the pair must be normalised for it, with a note), and implement :meth:`run`.
+    """
+
+    stage: str | None = None
+    key: str = "method"
+    intensities: tuple[Intensities, str] | None = None
+
+    def run(self, pair: PreparedPair, init: Tensor | None, record: Instrumentation) -> Tensor:
+        """The total field ``(1, 3, X, Y, Z)`` in fixed voxels on the fixed grid, starting from ``init`` (``None``: zero)."""
+        raise NotImplementedError
+
+
+#: ``build(settings, record)`` -> the method, or ``None`` when the settings switch it off (it may add notes).
+Builder = Callable[[Settings, Instrumentation], "Method | None"]
+#: Registered methods by name.
+METHODS: dict[str, Builder] = {}
+#: Named chains: what ``register(method=NAME)`` runs, in order.
+CHAINS: dict[str, tuple[str, ...]] = {
+    "rwcnet": ("network", "instance_optimisation", "refinement"),
+    "convexadam": ("convexadam",),
+}
+
+
+def register_method(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``build(settings, record) -> Method | None`` as method ``name``."""
+
+    def add(build: Builder) -> Builder:
+        METHODS[name] = build
+        return build
+
+    return add
+
+
+def chain_names(method: str | Sequence[str]) -> tuple[str, ...]:
+    """The method names of a chain name, a registered method's name, or a sequence of method names."""
+    names = CHAINS.get(method, (method,)) if isinstance(method, str) else tuple(method)
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        choices = ", ".join([*CHAINS, *(name for name in METHODS if name not in CHAINS)])
+        raise InputError(f"unknown registration method {method!r}; use one of {choices}")
+    return names
+
+
+def build_chain(method: str | Sequence[str], settings: Settings, record: Instrumentation) -> list[Method]:
+    """The methods of ``method`` (see :func:`chain_names`) that the settings switch on, in order."""
+    built = (METHODS[name](settings, record) for name in chain_names(method))
+    return [step for step in built if step is not None]
+
+
+def chain_intensities(chain: list[Method], settings: Settings, record: Instrumentation) -> Intensities:
+    """The normalisation of the first method that declares one (its note recorded), else the modality's preset."""
+    for step in chain:
+        if step.intensities is not None:
+            mapping, note = step.intensities
+            if note:
+                record.notes.append(note)
+            return mapping
+    modality, ct_range = settings.modality, settings.ct_range
+    return lambda array: normalise(array, modality, ct_range=ct_range)

@@ -1,0 +1,385 @@
+"""Training samples made on the fly: each one is a pure function of ``(seed, phase, sample index)``.
+
+A sample is either *semi-synthetic* (an image and its copy warped by a
+known random deformation, :func:`rwcnet.synthetic.make_pair` with the warped
+copy as the fixed image, so the truth is exact and needs no inversion) or a
+*real* pair of two training images (image loss only). Its randomness (which
+image or pair, the deformation, the intensity perturbation, the training
+patch, and the seed of the network's dropout) comes from a numpy generator
+seeded with ``[seed, phase, index]``. So the data order needs no state of
+its own beyond the step counter, a resumed run sees exactly the samples it
+would have seen, and a sample is the same whichever process makes it —
+which is what lets an N-process run equal a one-process run (sample
+``step * batch + j`` goes to process ``j // (batch / N)``).
+
+Images are normalised (:class:`rwcnet.training.config.Normalisation`) and
+padded at the far end (edge values; labels with 0) to a multiple of the
+network's alignment, so patches can be cut anywhere on the stage grids.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rwcnet import geometry, masks
+from rwcnet.geometry.layout import pad_to_multiple
+from rwcnet.data.datasets import Learn2RegDataset, Pair, image_id
+from rwcnet.errors import InputError
+from rwcnet.intensity import scale_intensity
+from rwcnet.data.formats import Image, read_image, read_keypoints
+from rwcnet.synthetic import (IntensitySettings, breathing_deformation, intensity_perturbation, make_pair,
+                              random_deformation)
+from rwcnet.training.synthmorph_source import LabelPairSource
+from rwcnet.training.config import DataConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
+
+Tensor = torch.Tensor
+Box = tuple[slice, slice, slice]
+
+
+@dataclass
+class Sample:
+    """One training or validation pair, on the padded grid ``(X, Y, Z)``.
+
+    Images ``(1, 1, X, Y, Z)`` float32 normalised; ``truth`` the known
+    pull-back field ``(1, 3, X, Y, Z)`` in voxels (semi-synthetic pairs);
+    labels ``(1, 1, X, Y, Z)`` int64; keypoints ``(1, N, 3)`` voxels;
+    ``spacing`` mm; ``region`` the training patch on the trained stage's
+    grid (None = whole grid); ``seed`` seeds the network's dropout;
+    ``mask`` ``(1, 1, X, Y, Z)`` bool foreground of the fixed image;
+    ``fixed_onehot``/``moving_onehot`` ``(1, M, X/f, Y/f, Z/f)`` soft labels
+    of merged classes on a grid ``label_factor`` (``f``) times coarser (pairs
+    synthesised from label maps, :mod:`rwcnet.training.synthmorph_source`).
+    """
+
+    key: str
+    fixed: Tensor
+    moving: Tensor
+    spacing: tuple[float, float, float]
+    seed: int
+    truth: Tensor | None = None
+    fixed_labels: Tensor | None = None
+    moving_labels: Tensor | None = None
+    fixed_keypoints: Tensor | None = None
+    moving_keypoints: Tensor | None = None
+    region: Box | None = None
+    mask: Tensor | None = None
+    fixed_onehot: Tensor | None = None
+    moving_onehot: Tensor | None = None
+    label_factor: int = 1
+
+
+@dataclass
+class _Entry:
+    image: Tensor  # (1, 1, X, Y, Z) normalised, padded
+    labels: Tensor | None  # (1, 1, X, Y, Z) int64, padded with 0
+    keypoints: np.ndarray | None  # (N, 3) voxels
+    spacing: tuple[float, float, float]
+    chest: "_Chest | None" = None  # lung mask and body axes, for breathing pairs
+
+
+@dataclass(frozen=True)
+class _Chest:
+    """What a breathing field needs of a thorax CT: its lung mask and the body's axes in the array."""
+
+    lung: Tensor  # (1, 1, X, Y, Z) bool, padded with False
+    cranio_caudal_axis: int
+    towards_feet: str  # "+" when the index grows towards the feet, else "-"
+    anterior_posterior_axis: int
+
+
+def chest_geometry(image: Image) -> tuple[int, str, int]:
+    """Cranio-caudal axis, its direction to the feet (``"+"``/``"-"``) and the anterior-posterior axis of ``image``."""
+    codes = nib.orientations.aff2axcodes(image.affine)
+    cranio_caudal = next(i for i, code in enumerate(codes) if code in "SI")
+    anterior_posterior = next(i for i, code in enumerate(codes) if code in "AP")
+    return cranio_caudal, "+" if codes[cranio_caudal] == "I" else "-", anterior_posterior
+
+
+def normalise(array: np.ndarray, normalisation: Normalisation) -> np.ndarray:
+    """Intensities to the network's range: unchanged, ``(I − low)/(high − low)``, or that clipped to [0, 1]."""
+    if normalisation.kind == "none":
+        return np.asarray(array, dtype=np.float32)
+    return scale_intensity(array, normalisation.low, normalisation.high, clip=normalisation.kind == "window")
+
+
+def _seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**31 - 1))
+
+
+class TrainingData:
+    """The training images and pairs of a config, and the samples made from them."""
+
+    def __init__(self, config: TrainingConfig, alignment: int) -> None:
+        data: DataConfig = config.data
+        self.config = config
+        self.data = data
+        self.alignment = alignment
+        self.dataset = Learn2RegDataset(data.dataset)
+        held_out = {image_id(p) for key in ("val", "test") if self.dataset.meta.get(f"registration_{key}")
+                    for pair in self.dataset.pairs(key) for p in (pair.fixed, pair.moving)}
+        excluded = held_out | set(data.exclude)
+        available = {image_id(p): p for p in self.dataset.training_images()}
+        if data.images is not None:
+            unknown = [name for name in data.images if name not in available]
+            if unknown:
+                raise InputError(f"{self.dataset.json_path}: training images {unknown} are not in its 'training' list")
+            clash = sorted(set(data.images) & excluded)
+            if clash:
+                raise InputError(f"{self.dataset.json_path}: images {clash} are held out (validation/test/exclude) and cannot train")
+            names = list(data.images)
+        else:
+            names = [name for name in available if name not in excluded]
+        if not names:
+            raise InputError(f"{self.dataset.json_path}: no training images left after holding out {sorted(excluded)}")
+        self.images: list[Path] = [available[name] for name in names]
+        allowed = set(self.images)
+        self.pairs: list[Pair] = [p for p in self.dataset.pairs("train") if p.fixed in allowed and p.moving in allowed]
+        if data.real_fraction > 0 and not self.pairs:
+            raise InputError(f"{self.dataset.json_path}: real_fraction > 0 but no real training pairs among {names}")
+        self.synthetic: SyntheticConfig = data.synthetic or SyntheticConfig()
+        self._load = functools.lru_cache(maxsize=data.cache_images)(self._read)
+        self.label_pairs = None
+        if data.synthmorph is not None:
+            reference = available.get(data.synthmorph.reference)
+            if reference is None or data.synthmorph.reference in excluded:
+                raise InputError(f"{self.dataset.json_path}: synthmorph.reference {data.synthmorph.reference!r} is not a training image")
+            spacing = tuple(float(s) for s in read_image(reference).spacing)
+            self.label_pairs = LabelPairSource(data.synthmorph, reference, spacing)  # type: ignore[arg-type]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [image_id(p) for p in self.images]
+
+    def _read(self, path: Path) -> _Entry:
+        image = read_image(path)
+        volume = torch.from_numpy(normalise(image.array, self.data.normalisation))[None, None]
+        label_path = self.dataset.label_path(path)
+        labels = None
+        if label_path is not None:
+            labels = torch.from_numpy(np.rint(np.asarray(read_image(label_path).array)).astype(np.int64))[None, None]
+            labels = pad_to_multiple(labels, self.alignment, mode="zeros")
+        keypoint_path = self.dataset.keypoints_path(path)
+        keypoints = read_keypoints(keypoint_path) if keypoint_path is not None else None
+        spacing = tuple(float(s) for s in image.spacing)
+        chest = None
+        if self.synthetic.breathing is not None:
+            cranio_caudal, towards, anterior_posterior = chest_geometry(image)
+            lung = masks.lung_mask(np.asarray(image.array, dtype=np.float32), spacing, axis=cranio_caudal)
+            if not lung.any():
+                raise InputError(f"{path}: no lungs found (breathing pairs need a thorax CT in Hounsfield units)")
+            chest = _Chest(pad_to_multiple(torch.from_numpy(lung)[None, None], self.alignment, mode="zeros"), cranio_caudal, towards,
+                           anterior_posterior)
+        return _Entry(pad_to_multiple(volume, self.alignment), labels, keypoints, spacing, chest)  # type: ignore[arg-type]
+
+    def _foreground(self, fixed: Tensor) -> Tensor | None:
+        if self.data.foreground_threshold is None:
+            return None
+        return fixed > self.data.foreground_threshold
+
+    def _synthetic_pair(self, entry: _Entry, rng: np.random.Generator, magnitude: float, smoothness: float,
+                        intensity: IntensitySettings | None, breathing: tuple[float, float] | None = None) -> dict:
+        """A semi-synthetic pair: a random field of largest ``magnitude`` mm, or with ``breathing`` =
+        (signed amplitude mm, expansion) a breathing field (negative amplitude: exhale-like)."""
+        shape = entry.image.shape[2:]
+        factor = self.synthetic.generation_downsample
+        coarse = [max(2, math.ceil(n / factor)) for n in shape]
+        coarse_spacing = [s * n / c for s, n, c in zip(entry.spacing, shape, coarse)]
+        if breathing is None:
+            phi = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=smoothness,
+                                     seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
+        else:
+            chest, settings = entry.chest, self.synthetic.breathing
+            lung = F.interpolate(chest.lung.float(), size=coarse, mode="nearest")[0, 0] > 0.5
+            amplitude, expansion = breathing
+            phi = breathing_deformation(coarse, coarse_spacing, amplitude_mm=amplitude, axis=chest.cranio_caudal_axis,
+                                        towards=chest.towards_feet, ap_axis=chest.anterior_posterior_axis,
+                                        lung_mask=lung, expansion=expansion, variation=settings.variation,
+                                        seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
+        phi = geometry.resize_field(phi, shape)
+        pair = make_pair(entry.image, labels=entry.labels, keypoints=entry.keypoints, deformation=phi,
+                         spacing_mm=entry.spacing, warped_role="fixed", intensity=intensity, seed=_seed(rng))
+        keypoints = {}
+        if pair.fixed_keypoints is not None:
+            keypoints = {"fixed_keypoints": pair.fixed_keypoints[None].float(),
+                         "moving_keypoints": pair.moving_keypoints[None].float()}
+        return dict(fixed=pair.fixed.float(), moving=pair.moving.float(), truth=pair.field.float(),
+                    fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels, **keypoints)
+
+    def _real_pair(self, pair: Pair, rng: np.random.Generator) -> dict:
+        fixed, moving = self._load(pair.fixed), self._load(pair.moving)
+        if fixed.image.shape != moving.image.shape:
+            raise InputError(f"{pair.moving}: grid {tuple(moving.image.shape[2:])} differs from the fixed image {pair.fixed}")
+        moving_image = moving.image
+        if self.synthetic.intensity is not None:
+            settings = self.synthetic.intensity
+            moving_image = intensity_perturbation(moving_image, bias_strength=settings.bias_strength,
+                                                  gamma_range=tuple(settings.gamma_range),
+                                                  noise_std=settings.noise_std, seed=_seed(rng))
+        items = dict(fixed=fixed.image, moving=moving_image, fixed_labels=fixed.labels, moving_labels=moving.labels)
+        if fixed.keypoints is not None and moving.keypoints is not None:
+            items["fixed_keypoints"] = torch.from_numpy(fixed.keypoints).float()[None]
+            items["moving_keypoints"] = torch.from_numpy(moving.keypoints).float()[None]
+        return items
+
+    def _crop_size(self, downsample: int, patch) -> list[int] | None:
+        """Label-map pairs are synthesised on the training patch alone (stage-grid voxels), rounded to the network's alignment."""
+        if patch is None:
+            return None
+        grid = self.label_pairs.maps.grid(downsample)
+        size = [2 * math.ceil(patch * n / 2) for n in grid] if isinstance(patch, float) else [int(p) for p in patch]
+        step = max(1, math.ceil(self.alignment / downsample))
+        return [max(step, min(k, n) // step * step) for k, n in zip(size, grid)]
+
+    def _region(self, fixed: Tensor, downsample: int, patch, rng: np.random.Generator) -> Box | None:
+        """A patch of the stage grid centred on a random foreground voxel (whole grid when ``patch`` is None)."""
+        if patch is None:
+            return None
+        grid = [n // downsample for n in fixed.shape[2:]]
+        if isinstance(patch, float):
+            size = [min(n, 2 * math.ceil(patch * n / 2)) for n in grid]
+        else:
+            size = [min(n, int(p)) for n, p in zip(grid, patch)]
+        candidates = None
+        if self.data.foreground_threshold is not None:
+            pooled = F.avg_pool3d(fixed, downsample)[0, 0]
+            candidates = torch.nonzero(pooled > self.data.foreground_threshold)
+        if candidates is not None and len(candidates):
+            centre = candidates[int(rng.integers(len(candidates)))].tolist()
+        else:
+            centre = [int(rng.integers(n)) for n in grid]
+        starts = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size, grid)]
+        return tuple(slice(a, a + s) for a, s in zip(starts, size))  # type: ignore[return-value]
+
+    def sample(self, phase_index: int, phase: PhaseConfig, downsample: int, index: int) -> Sample:
+        """Sample ``index`` of schedule phase ``phase_index`` (deterministic)."""
+        rng = np.random.default_rng([self.config.seed, phase_index, index])
+        seed = _seed(rng)
+        if self.label_pairs is not None and rng.random() < self.label_pairs.settings.fraction:
+            key, items = self.label_pairs.training_pair(rng, downsample, self._crop_size(downsample, phase.patch))
+            return Sample(key=key, spacing=self.label_pairs.spacing, seed=seed, **items)
+        if self.data.synthetic is None or rng.random() < self.data.real_fraction:
+            pair = self.pairs[int(rng.integers(len(self.pairs)))]
+            items = self._real_pair(pair, rng)
+            key, spacing = pair.key, self._load(pair.fixed).spacing
+        else:
+            path = self.images[int(rng.integers(len(self.images)))]
+            entry = self._load(path)
+            low, high = self.synthetic.magnitude_mm
+            magnitude = float(rng.uniform(low, high))
+            low, high = self.synthetic.smoothness_mm
+            smoothness = float(rng.uniform(low, high))
+            breathing = None
+            settings = self.synthetic.breathing
+            if settings is not None and rng.random() < settings.fraction:
+                sign = -1.0 if rng.random() < settings.exhale_fraction else 1.0
+                breathing = (sign * float(rng.uniform(*settings.amplitude_mm)), float(rng.uniform(*settings.expansion)))
+            items = self._synthetic_pair(entry, rng, magnitude, smoothness, self.synthetic.intensity, breathing)
+            key, spacing = f"synthetic:{image_id(path)}", entry.spacing
+        region = self._region(items["fixed"], downsample, phase.patch, rng)
+        return Sample(key=key, spacing=spacing, seed=seed, region=region, **items)
+
+    def validation_samples(self) -> list[Sample]:
+        """The held-out semi-synthetic pairs: fixed seeds, the validation deformation strength, whole grids.
+
+        With breathing pairs configured they are breathing pairs of amplitude ``magnitude_mm``
+        (inhale-like for even indices, exhale-like for odd ones; the mean expansion)."""
+        settings = self.config.validation
+        breathing = self.synthetic.breathing
+        samples = []
+        for index in range(settings.pairs):
+            rng = np.random.default_rng([settings.seed, index])
+            path = self.images[index % len(self.images)]
+            entry = self._load(path)
+            motion = None if breathing is None else \
+                ((-1.0 if index % 2 else 1.0) * settings.magnitude_mm, sum(breathing.expansion) / 2)
+            items = self._synthetic_pair(entry, rng, settings.magnitude_mm, settings.smoothness_mm,
+                                         self.synthetic.intensity, motion)
+            samples.append(Sample(key=f"validation:{image_id(path)}:{index}", spacing=entry.spacing, seed=0,
+                                  mask=self._foreground(items["fixed"]), **items))
+        return samples
+
+    def validation_label_samples(self) -> list[Sample]:
+        """The held-out pairs synthesised from the validation label maps (fixed seeds); none without ``synthmorph``."""
+        if self.label_pairs is None:
+            return []
+        samples = []
+        for key, items in self.label_pairs.validation_pairs(self.config.validation.seed):
+            for role in ("fixed_onehot", "moving_onehot"):
+                items[role] = items[role].half()  # kept for the whole run: half the memory (fractions to 1e-3)
+            samples.append(Sample(key=key, spacing=self.label_pairs.spacing, seed=0, **items))
+        return samples
+
+    def report_pairs(self) -> list[Pair]:
+        """The dataset's ``registration_val`` pairs (never used in training), scored once at the end."""
+        if not self.dataset.meta.get("registration_val"):
+            return []
+        return self.dataset.pairs("val")
+
+    def reference_image(self) -> Image:
+        """The first training image (its spacing and orientation go into the model's metadata)."""
+        return read_image(self.images[0])
+
+
+def sample_indices(step: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the samples that process ``rank`` of ``world_size`` handles at optimiser step ``step`` (0-based)."""
+    if batch_size % world_size:
+        raise InputError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
+    local = batch_size // world_size
+    return [step * batch_size + rank * local + j for j in range(local)]
+
+
+class _SampleSet(torch.utils.data.Dataset):
+    """Map-style view ``index -> Sample`` of one phase, for a DataLoader with worker processes."""
+
+    def __init__(self, data: TrainingData, phase_index: int, phase: PhaseConfig, downsample: int) -> None:
+        self.data, self.phase_index, self.phase, self.downsample = data, phase_index, phase, downsample
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.data.sample(self.phase_index, self.phase, self.downsample, index)
+
+    def __len__(self) -> int:
+        return (self.phase.steps + 1) * self.phase.batch_size
+
+
+def _identity(item):
+    return item
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def iterate_steps(data: TrainingData, phase_index: int, phase: PhaseConfig, downsample: int, start: int,
+                  rank: int = 0, world_size: int = 1) -> Iterator[list[Sample]]:
+    """The local samples of each step from ``start`` to the end of the phase.
+
+    With ``num_workers == 0`` they are made in the calling process, one step
+    ahead of nothing (no prefetch); otherwise a DataLoader's worker processes
+    (one thread each) make them in the background, in the same order.
+    """
+    steps = range(start, phase.steps)
+    if data.data.num_workers == 0:
+        for step in steps:
+            yield [data.sample(phase_index, phase, downsample, i) for i in sample_indices(step, phase.batch_size, rank, world_size)]
+        return
+    order = [i for step in steps for i in sample_indices(step, phase.batch_size, rank, world_size)]
+    loader = torch.utils.data.DataLoader(
+        _SampleSet(data, phase_index, phase, downsample), batch_size=None, sampler=order,
+        num_workers=data.data.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
+    )
+    local = phase.batch_size // world_size
+    batch: list[Sample] = []
+    for sample in loader:
+        batch.append(sample)
+        if len(batch) == local:
+            yield batch
+            batch = []
