@@ -134,9 +134,21 @@ def prepare_brain(data: Path, cache: Path) -> None:
     _write_dataset(root, "SYNBRAIN", meta)
 
 
+def lung_pair(ct: np.ndarray, mask: np.ndarray, spacing: tuple, *, amplitude_mm: float, seed: int, keypoints: int = 1000,
+              expansion: float = 0.2, variation: float = 0.1):
+    """One breathing pair of the shared CT (LPI: axis 2 runs to the feet): the moving image is the CT warped by
+    a breathing field of ``amplitude_mm`` (negative: exhale-like), keypoints in the lungs carried along."""
+    from rwcnet import synthetic
+
+    phi = synthetic.breathing_deformation(ct.shape, spacing, amplitude_mm=amplitude_mm, axis=2, towards="+",
+                                          lung_mask=mask, expansion=expansion, variation=variation, seed=seed)
+    return synthetic.make_pair(ct, mask=mask, deformation=phi, spacing_mm=spacing, warped_role="moving",
+                               n_keypoints=keypoints, keypoint_distance=4.0, seed=seed)
+
+
 def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     """``SYNLUNG``: breathing pairs of the shared CT with lung masks and keypoints."""
-    from rwcnet import masks, synthetic
+    from rwcnet import masks
     from rwcnet.data.formats import read_image, write_image
 
     root = cache / "data" / "SYNLUNG"
@@ -151,10 +163,7 @@ def prepare_lung(data: Path, cache: Path, keypoints: int = 1000) -> None:
     pairs, training = [], []
     for index in range(LUNG_PAIRS):
         amplitude = 10.0 + 2.0 * index
-        phi = synthetic.breathing_deformation(ct.shape, spacing, amplitude_mm=amplitude, axis=2, towards="+",
-                                              lung_mask=mask, seed=200 + index)
-        pair = synthetic.make_pair(array, mask=mask, deformation=phi, spacing_mm=spacing, warped_role="moving",
-                                   n_keypoints=keypoints, keypoint_distance=4.0, seed=200 + index)
+        pair = lung_pair(array, mask, spacing, amplitude_mm=amplitude, seed=200 + index, keypoints=keypoints)
         case = f"{index + 1:04d}"
         entries = {}
         for phase, volume, lung, points in (("0000", pair.fixed, pair.fixed_mask, pair.fixed_keypoints),

@@ -172,7 +172,9 @@ def breathing_deformation(shape: Sequence[int], spacing_mm: Sequence[float], *, 
     (the whole axis without ``lung_mask``), and ``w`` = 0.5 + 0.5 x the lung
     mask blurred by 15 mm and divided by its maximum (1 without a mask). It
     points towards the head, so warping an end-exhale image by it moves the
-    diaphragm towards the feet (an inhale-like image). Along ``ap_axis`` the
+    diaphragm towards the feet (an inhale-like image); a negative
+    ``amplitude_mm`` reverses the motion (exhale-like: the diaphragm rises and
+    the chest contracts). Along ``ap_axis`` the
     chest expands by up to ``expansion * amplitude_mm`` at its ends, and a
     random smooth field of largest displacement ``variation * amplitude_mm``
     (smoothness 40 mm) is added. Folding is removed as in :func:`random_deformation`.
@@ -210,7 +212,7 @@ def breathing_deformation(shape: Sequence[int], spacing_mm: Sequence[float], *, 
     field_mm[:, axis] = (-sign * amplitude_mm * shape_cc / shape_cc.max().clamp_min(1e-12))[:, 0]
     field_mm[:, ap_axis] = (-expansion * amplitude_mm * profile * ap.view(1, 1, *ap_view))[:, 0]
     field = field_mm / _mm_view(spacing_mm, field_mm)
-    field = field + random_deformation(shape, spacing_mm, magnitude_mm=variation * amplitude_mm, smoothness_mm=40.0,
+    field = field + random_deformation(shape, spacing_mm, magnitude_mm=variation * abs(amplitude_mm), smoothness_mm=40.0,
                                        seed=seed, min_jacobian=min_jacobian, device=device, dtype=dtype)
     return _invertible(field, spacing_mm, min_jacobian)
 

@@ -107,10 +107,15 @@ class Learn2RegDataset:
 
     ``root`` is the folder (holding exactly one ``*_dataset.json``) or the
     JSON file itself. Paths in the JSON are resolved relative to the folder.
+    A folder without a JSON but with ``imagesTr/*.nii*`` reads as unpaired
+    training images alone (training from a plain folder of images).
     """
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
+        if root.is_dir() and not any(root.glob("*_dataset.json")) and sorted((root / "imagesTr").glob("*.nii*")):
+            self._images_only(root)
+            return
         if root.is_file():
             json_path = root
         elif root.is_dir():
@@ -134,6 +139,18 @@ class Learn2RegDataset:
         self.name: str = str(meta.get("name", image_id(json_path).replace("_dataset", "")))
         self.pairings: str = str(meta.get("pairings", "unpaired"))
         self._entries = {self.resolve(e["image"]): e for e in self._list("training") if "image" in e}
+
+    def _images_only(self, root: Path) -> None:
+        """A folder with ``imagesTr/`` but no dataset JSON: its images are unpaired training images (no pairs,
+        labels or keypoints), as the shared one-CT lung folder."""
+        self.json_path = root.resolve() / "imagesTr"
+        self.root = root.resolve()
+        images = sorted((root / "imagesTr").glob("*.nii*"))
+        self.meta = {"name": root.name, "pairings": "unpaired",
+                     "training": [{"image": f"./imagesTr/{path.name}"} for path in images]}
+        self.name = root.name
+        self.pairings = "unpaired"
+        self._entries = {self.resolve(e["image"]): e for e in self._list("training")}
 
     def resolve(self, relative: str) -> Path:
         """Absolute path of a JSON path (``./imagesTr/...``) relative to the dataset folder."""

@@ -14,6 +14,8 @@ Presets (:func:`training_preset`):
   hours on 2 cores: semi-synthetic pairs from the unlabelled subjects plus real
   pairs among them; the labelled pair 0001/0002 is never seen in training or
   checkpoint selection and is scored once at the end.
+* ``synth-brain`` — the ``cpu`` network from label-map synthesis (SynthMorph-style) plus brains 0003-0005.
+* ``cpu-lung`` — the ``cpu`` network on breathing-like deformations of the one shared thorax CT.
 """
 
 from __future__ import annotations
@@ -22,21 +24,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rwcnet.errors import InputError
+from rwcnet.intensity import CT_RANGES
 from rwcnet.losses import LossConfig, loss_config
 from rwcnet.model.config import ModelConfig
 from rwcnet.model.presets import model_preset
 from rwcnet.presets import Presets
-from rwcnet.synthetic import IntensitySettings
+from rwcnet.training.data_config import (BreathingConfig, DataConfig, Normalisation, SynthMorphConfig, SyntheticConfig,
+                                         Strict)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PhaseConfig(_Strict):
+class PhaseConfig(Strict):
     """One training phase: which network stage trains, for how long, on what patches, at what resolution."""
 
     stage: int = Field(ge=1, description="network stage trained (1 = coarsest); earlier stages are frozen")
@@ -63,119 +63,7 @@ class PhaseConfig(_Strict):
         return value
 
 
-class SyntheticConfig(_Strict):
-    """Semi-synthetic pairs: an image and its copy warped by a known smooth random deformation.
-
-    The largest displacement (mm) and the smoothness (Gaussian std, mm) are
-    drawn uniformly per sample from the given ranges. The deformation is
-    made on a grid ``generation_downsample`` times coarser (it is smooth on
-    the scale of ``smoothness_mm``) and brought to full resolution trilinearly.
-    """
-
-    magnitude_mm: tuple[float, float] = (2.0, 8.0)
-    smoothness_mm: tuple[float, float] = (15.0, 30.0)
-    min_jacobian: float = Field(0.1, ge=0, lt=1)
-    generation_downsample: int = Field(2, ge=1, le=8)
-    intensity: IntensitySettings | None = IntensitySettings()
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "SyntheticConfig":
-        for name in ("magnitude_mm", "smoothness_mm"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must be a range 0 < low <= high, got {(lo, hi)}")
-        return self
-
-
-class SynthMorphConfig(_Strict):
-    """Pairs synthesised from label maps (:mod:`rwcnet.training.synthmorph`), trained with a soft Dice loss on merged classes.
-
-    Ranges are ``(low, high)`` drawn uniformly per image. Synthesis runs at
-    the resolution of the stage being trained (its downsampling factor), on
-    the grid of the ``reference`` training image (the maps are aligned to it
-    and cached in ``cache``, :mod:`rwcnet.training.synthmorph_maps`).
-    """
-
-    labels: str = Field("../shared/data/synthseg_labels", description="folder of training_seg_NN.nii.gz and labels.json")
-    train_maps: list[int] = Field(default_factory=lambda: list(range(1, 19)), description="map numbers used for training")
-    validation_maps: list[int] = Field(default_factory=lambda: [19, 20], description="map numbers used for validation only")
-    reference: str = Field("BRAIN_0003_0000", description="training image whose grid the maps are aligned and cropped to")
-    cache: str = Field("runs/cache", description="folder for the aligned, downsampled maps")
-    fraction: float = Field(0.8, ge=0, le=1, description="share of training samples made from label maps")
-    same_map: float = Field(0.3, ge=0, le=1, description="probability that both images of a pair come from one map")
-    skull_strip: float = Field(0.75, ge=0, le=1, description="probability that a pair is skull-stripped (else whole head)")
-    magnitude_mm: tuple[float, float] = (0.0, 5.0)
-    smoothness_mm: tuple[float, float] = (8.0, 20.0)
-    rotation_deg: float = Field(3.0, ge=0)
-    scaling: float = Field(0.04, ge=0, lt=1)
-    shear: float = Field(0.02, ge=0, lt=1)
-    translation_mm: float = Field(3.0, ge=0)
-    std: tuple[float, float] = (0.01, 0.08)
-    blur_mm: tuple[float, float] = (0.0, 2.0)
-    bias: tuple[float, float] = (0.0, 0.3)
-    gamma_std: float = Field(0.25, ge=0)
-    noise: tuple[float, float] = (0.0, 0.02)
-    dice: float = Field(1.0, ge=0, description="weight of 1 − soft Dice of the merged classes")
-    regulariser: float = Field(1.0, ge=0, description="weight of the gradient regulariser on label pairs")
-    regulariser_kind: Literal["l1", "l2"] = "l2"
-    validation_pairs: int = Field(4, ge=0, description="fixed synthetic pairs from the validation maps (Dice)")
-    validation_factor: int = Field(2, ge=1, description="downsampling factor of the validation pairs' synthesis")
-
-    @model_validator(mode="after")
-    def _check(self) -> "SynthMorphConfig":
-        for name in ("magnitude_mm", "smoothness_mm", "std", "blur_mm", "bias", "noise"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"synthmorph.{name} must be a range 0 <= low <= high, got {(lo, hi)}")
-        if self.smoothness_mm[0] <= 0:
-            raise ValueError("synthmorph.smoothness_mm must be positive")
-        if set(self.train_maps) & set(self.validation_maps):
-            raise ValueError(f"maps {sorted(set(self.train_maps) & set(self.validation_maps))} are both training and validation maps")
-        if not self.train_maps:
-            raise ValueError("synthmorph.train_maps is empty")
-        return self
-
-
-class Normalisation(_Strict):
-    """Intensity normalisation: ``none`` (as stored), ``range`` ``(I − low)/(high − low)``, ``window`` (clipped range)."""
-
-    kind: Literal["none", "range", "window"] = "none"
-    low: float = 0.0
-    high: float = 1.0
-
-    @model_validator(mode="after")
-    def _order(self) -> "Normalisation":
-        if self.kind != "none" and not self.high > self.low:
-            raise ValueError(f"normalisation needs high > low, got {self.low}, {self.high}")
-        return self
-
-
-class DataConfig(_Strict):
-    """Where the training pairs come from."""
-
-    dataset: str = Field(description="Learn2Reg folder (or its dataset JSON)")
-    images: list[str] | None = Field(
-        None, description="image ids used for training; default: training images outside registration_val/test"
-    )
-    exclude: list[str] = Field(default_factory=list, description="image ids never used for training or validation")
-    real_fraction: float = Field(0.0, ge=0, le=1, description="share of samples that are real pairs (image loss only)")
-    synthetic: SyntheticConfig | None = SyntheticConfig()
-    synthmorph: SynthMorphConfig | None = Field(None, description="pairs synthesised from label maps (SynthMorph-style)")
-    normalisation: Normalisation = Normalisation()
-    foreground_threshold: float | None = Field(
-        0.0, description="normalised intensity above which a voxel is foreground (patch centres, validation EPE); None = all"
-    )
-    num_workers: int = Field(0, ge=0, description="data-loading processes; 0 = generate in the main process")
-    cache_images: int = Field(16, ge=1, description="images kept in memory")
-
-    @model_validator(mode="after")
-    def _source(self) -> "DataConfig":
-        if self.synthetic is None and self.real_fraction < 1.0:
-            raise ValueError("without synthetic pairs real_fraction must be 1")
-        return self
-
-
-class ValidationConfig(_Strict):
+class ValidationConfig(Strict):
     """Held-out semi-synthetic pairs (fixed seeds, stronger deformations) for checkpoint selection."""
 
     pairs: int = Field(2, ge=0)
@@ -189,7 +77,7 @@ class ValidationConfig(_Strict):
         "epe", description="selects the best weights: endpoint error of the semi-synthetic pairs, or Dice of the label-map pairs")
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     """Everything a training run needs except the output folder."""
 
     name: str = "custom"
@@ -326,6 +214,39 @@ def _synth_brain() -> TrainingConfig:
     )
 
 
+def _cpu_lung() -> TrainingConfig:
+    # The shipped ``lung`` model (issue 18): the ``cpu`` network on the one shared thorax CT
+    # (../shared/data/lung, a folder of images without a dataset JSON), deformed by breathing-like fields
+    # (75 %: cranio-caudal motion growing towards the diaphragm, 5-25 mm, inhale or exhale, chest-wall
+    # expansion) and by random smooth fields (25 %, 5-15 mm), in the HU window register uses for CT. The
+    # cpu-brain schedule; validation on breathing pairs of 18 mm with seeds of their own.
+    low, high = CT_RANGES["window"]
+    return TrainingConfig(
+        name="cpu-lung",
+        model="cpu",
+        phases=[
+            PhaseConfig(stage=1, steps=CPU_LUNG_STEPS[0], lr=1e-3, patch=(24, 24, 24), loss_grid="stage"),
+            PhaseConfig(stage=2, steps=CPU_LUNG_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="full"),
+        ],
+        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        supervised=0.05,
+        data=DataConfig(
+            dataset="../shared/data/lung",
+            real_fraction=0.0,
+            synthetic=SyntheticConfig(magnitude_mm=(5.0, 15.0), smoothness_mm=(20.0, 40.0), breathing=BreathingConfig()),
+            normalisation=Normalisation(kind="window", low=low, high=high),
+            modality="ct",
+            foreground_threshold=0.05,
+        ),
+        validation=ValidationConfig(pairs=2, every=50, magnitude_mm=18.0, smoothness_mm=30.0),
+        checkpoint_every=10,
+        threads=2,
+    )
+
+
+#: Steps of the two ``cpu-lung`` phases (patches of the 1/4- and the 1/2-resolution grids).
+CPU_LUNG_STEPS = (250, 90)
+
 #: Steps of the three ``synth-brain`` phases: 24^3 patches of the 1/4 grid; 32^3 patches of the 1/2 grid with
 #: the loss on that grid; the same patches with the loss at full resolution (trains the convex upsampler).
 SYNTH_BRAIN_STEPS = (4000, 1500, 1000)
@@ -335,11 +256,12 @@ SYNTH_BRAIN_VALIDATE_EVERY = 100
 CPU_BRAIN_STEPS = (250, 90)
 
 TRAINING_PRESETS: Presets[TrainingConfig] = Presets(
-    "training", {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain})
+    "training", {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain,
+                 "cpu-lung": _cpu_lung})
 
 
 def training_preset(name: str) -> TrainingConfig:
-    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain`` or ``synth-brain``."""
+    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain``, ``synth-brain`` or ``cpu-lung``."""
     if name not in TRAINING_PRESETS:
         raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
     return TRAINING_PRESETS[name]

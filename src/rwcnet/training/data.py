@@ -25,17 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rwcnet import geometry
+from rwcnet import geometry, masks
 from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.data.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
 from rwcnet.intensity import scale_intensity
 from rwcnet.data.formats import Image, read_image, read_keypoints
-from rwcnet.synthetic import IntensitySettings, intensity_perturbation, make_pair, random_deformation
+from rwcnet.synthetic import (IntensitySettings, breathing_deformation, intensity_perturbation, make_pair,
+                              random_deformation)
 from rwcnet.training.synthmorph_source import LabelPairSource
 from rwcnet.training.config import DataConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
 
@@ -81,6 +83,25 @@ class _Entry:
     labels: Tensor | None  # (1, 1, X, Y, Z) int64, padded with 0
     keypoints: np.ndarray | None  # (N, 3) voxels
     spacing: tuple[float, float, float]
+    chest: "_Chest | None" = None  # lung mask and body axes, for breathing pairs
+
+
+@dataclass(frozen=True)
+class _Chest:
+    """What a breathing field needs of a thorax CT: its lung mask and the body's axes in the array."""
+
+    lung: Tensor  # (1, 1, X, Y, Z) bool, padded with False
+    cranio_caudal_axis: int
+    towards_feet: str  # "+" when the index grows towards the feet, else "-"
+    anterior_posterior_axis: int
+
+
+def chest_geometry(image: Image) -> tuple[int, str, int]:
+    """Cranio-caudal axis, its direction to the feet (``"+"``/``"-"``) and the anterior-posterior axis of ``image``."""
+    codes = nib.orientations.aff2axcodes(image.affine)
+    cranio_caudal = next(i for i, code in enumerate(codes) if code in "SI")
+    anterior_posterior = next(i for i, code in enumerate(codes) if code in "AP")
+    return cranio_caudal, "+" if codes[cranio_caudal] == "I" else "-", anterior_posterior
 
 
 def normalise(array: np.ndarray, normalisation: Normalisation) -> np.ndarray:
@@ -149,7 +170,15 @@ class TrainingData:
         keypoint_path = self.dataset.keypoints_path(path)
         keypoints = read_keypoints(keypoint_path) if keypoint_path is not None else None
         spacing = tuple(float(s) for s in image.spacing)
-        return _Entry(pad_to_multiple(volume, self.alignment), labels, keypoints, spacing)  # type: ignore[arg-type]
+        chest = None
+        if self.synthetic.breathing is not None:
+            cranio_caudal, towards, anterior_posterior = chest_geometry(image)
+            lung = masks.lung_mask(np.asarray(image.array, dtype=np.float32), spacing, axis=cranio_caudal)
+            if not lung.any():
+                raise InputError(f"{path}: no lungs found (breathing pairs need a thorax CT in Hounsfield units)")
+            chest = _Chest(pad_to_multiple(torch.from_numpy(lung)[None, None], self.alignment, mode="zeros"), cranio_caudal, towards,
+                           anterior_posterior)
+        return _Entry(pad_to_multiple(volume, self.alignment), labels, keypoints, spacing, chest)  # type: ignore[arg-type]
 
     def _foreground(self, fixed: Tensor) -> Tensor | None:
         if self.data.foreground_threshold is None:
@@ -157,13 +186,24 @@ class TrainingData:
         return fixed > self.data.foreground_threshold
 
     def _synthetic_pair(self, entry: _Entry, rng: np.random.Generator, magnitude: float, smoothness: float,
-                        intensity: IntensitySettings | None) -> dict:
+                        intensity: IntensitySettings | None, breathing: tuple[float, float] | None = None) -> dict:
+        """A semi-synthetic pair: a random field of largest ``magnitude`` mm, or with ``breathing`` =
+        (signed amplitude mm, expansion) a breathing field (negative amplitude: exhale-like)."""
         shape = entry.image.shape[2:]
         factor = self.synthetic.generation_downsample
         coarse = [max(2, math.ceil(n / factor)) for n in shape]
         coarse_spacing = [s * n / c for s, n, c in zip(entry.spacing, shape, coarse)]
-        phi = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=smoothness,
-                                 seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
+        if breathing is None:
+            phi = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=smoothness,
+                                     seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
+        else:
+            chest, settings = entry.chest, self.synthetic.breathing
+            lung = F.interpolate(chest.lung.float(), size=coarse, mode="nearest")[0, 0] > 0.5
+            amplitude, expansion = breathing
+            phi = breathing_deformation(coarse, coarse_spacing, amplitude_mm=amplitude, axis=chest.cranio_caudal_axis,
+                                        towards=chest.towards_feet, ap_axis=chest.anterior_posterior_axis,
+                                        lung_mask=lung, expansion=expansion, variation=settings.variation,
+                                        seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
         phi = geometry.resize_field(phi, shape)
         pair = make_pair(entry.image, labels=entry.labels, keypoints=entry.keypoints, deformation=phi,
                          spacing_mm=entry.spacing, warped_role="fixed", intensity=intensity, seed=_seed(rng))
@@ -237,20 +277,32 @@ class TrainingData:
             magnitude = float(rng.uniform(low, high))
             low, high = self.synthetic.smoothness_mm
             smoothness = float(rng.uniform(low, high))
-            items = self._synthetic_pair(entry, rng, magnitude, smoothness, self.synthetic.intensity)
+            breathing = None
+            settings = self.synthetic.breathing
+            if settings is not None and rng.random() < settings.fraction:
+                sign = -1.0 if rng.random() < settings.exhale_fraction else 1.0
+                breathing = (sign * float(rng.uniform(*settings.amplitude_mm)), float(rng.uniform(*settings.expansion)))
+            items = self._synthetic_pair(entry, rng, magnitude, smoothness, self.synthetic.intensity, breathing)
             key, spacing = f"synthetic:{image_id(path)}", entry.spacing
         region = self._region(items["fixed"], downsample, phase.patch, rng)
         return Sample(key=key, spacing=spacing, seed=seed, region=region, **items)
 
     def validation_samples(self) -> list[Sample]:
-        """The held-out semi-synthetic pairs: fixed seeds, the validation deformation strength, whole grids."""
+        """The held-out semi-synthetic pairs: fixed seeds, the validation deformation strength, whole grids.
+
+        With breathing pairs configured they are breathing pairs of amplitude ``magnitude_mm``
+        (inhale-like for even indices, exhale-like for odd ones; the mean expansion)."""
         settings = self.config.validation
+        breathing = self.synthetic.breathing
         samples = []
         for index in range(settings.pairs):
             rng = np.random.default_rng([settings.seed, index])
             path = self.images[index % len(self.images)]
             entry = self._load(path)
-            items = self._synthetic_pair(entry, rng, settings.magnitude_mm, settings.smoothness_mm, self.synthetic.intensity)
+            motion = None if breathing is None else \
+                ((-1.0 if index % 2 else 1.0) * settings.magnitude_mm, sum(breathing.expansion) / 2)
+            items = self._synthetic_pair(entry, rng, settings.magnitude_mm, settings.smoothness_mm,
+                                         self.synthetic.intensity, motion)
             samples.append(Sample(key=f"validation:{image_id(path)}:{index}", spacing=entry.spacing, seed=0,
                                   mask=self._foreground(items["fixed"]), **items))
         return samples

@@ -270,7 +270,7 @@ def _finish(model: RWCNet, config: TrainingConfig, data: TrainingData, output: P
 
     reference = data.reference_image()
     metadata = ModelMetadata(
-        modality=data.dataset.modality,
+        modality=config.data.modality or data.dataset.modality,
         spacing_mm=tuple(float(s) for s in reference.spacing),
         orientation="".join(nib.orientations.aff2axcodes(reference.affine)),
         normalisation=config.data.normalisation.model_dump(),
