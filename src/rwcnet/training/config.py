@@ -155,6 +155,17 @@ def _nlst() -> TrainingConfig:
     )
 
 
+def _cpu_losses() -> LossConfig:
+    """The image loss of the CPU presets: 10 MSE + 0.1 L1 smoothness over the iterations (γ 0.8)."""
+    return LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8)
+
+
+def _brain_data(**extra) -> DataConfig:
+    """Brains 0003-0005 of ../shared/data/brain (0001/0002 held out): 25 % real pairs, the rest semi-synthetic."""
+    return DataConfig(dataset="../shared/data/brain", exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"], real_fraction=0.25,
+                      synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)), **extra)
+
+
 def _cpu_brain() -> TrainingConfig:
     # Budget: 2 hours on 2 cores. Stage 1 trains on 24^3 patches of its 1/4-resolution grid (encoders on
     # the whole grid, the recurrent loop on the patch): ~8.5 s/step with 2 threads on an idle machine
@@ -170,14 +181,9 @@ def _cpu_brain() -> TrainingConfig:
             PhaseConfig(stage=1, steps=CPU_BRAIN_STEPS[0], lr=1e-3, patch=(24, 24, 24), loss_grid="stage"),
             PhaseConfig(stage=2, steps=CPU_BRAIN_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="full"),
         ],
-        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        losses=_cpu_losses(),
         supervised=0.05,
-        data=DataConfig(
-            dataset="../shared/data/brain",
-            exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"],
-            real_fraction=0.25,
-            synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)),
-        ),
+        data=_brain_data(),
         validation=ValidationConfig(pairs=2, every=50, magnitude_mm=8.0, smoothness_mm=20.0),
         checkpoint_every=10,
         threads=2,
@@ -198,15 +204,9 @@ def _synth_brain() -> TrainingConfig:
             PhaseConfig(stage=2, steps=SYNTH_BRAIN_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="stage"),
             PhaseConfig(stage=2, steps=SYNTH_BRAIN_STEPS[2], lr=5e-4, patch=(32, 32, 32), loss_grid="full"),
         ],
-        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        losses=_cpu_losses(),
         supervised=0.05,
-        data=DataConfig(
-            dataset="../shared/data/brain",
-            exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"],
-            real_fraction=0.25,
-            synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)),
-            synthmorph=SynthMorphConfig(),
-        ),
+        data=_brain_data(synthmorph=SynthMorphConfig()),
         validation=ValidationConfig(pairs=2, every=SYNTH_BRAIN_VALIDATE_EVERY, magnitude_mm=8.0, smoothness_mm=20.0,
                                     metric="dice", at_start=True),
         checkpoint_every=25,
@@ -228,7 +228,7 @@ def _cpu_lung() -> TrainingConfig:
             PhaseConfig(stage=1, steps=CPU_LUNG_STEPS[0], lr=1e-3, patch=(24, 24, 24), loss_grid="stage"),
             PhaseConfig(stage=2, steps=CPU_LUNG_STEPS[1], lr=1e-3, patch=(32, 32, 32), loss_grid="full"),
         ],
-        losses=LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
+        losses=_cpu_losses(),
         supervised=0.05,
         data=DataConfig(
             dataset="../shared/data/lung",
