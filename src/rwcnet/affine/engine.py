@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -44,6 +45,15 @@ class _Level:
     intensity: Tensor
     affine: np.ndarray
     mask: Tensor | None
+
+    @cached_property
+    def foreground(self) -> Tensor:
+        """Voxel indices ``(M, 3)`` of the foreground: the mask, else intensity above 0.1 dilated by two voxels."""
+        if self.mask is not None:
+            region = self.mask[0, 0] > 0.5
+        else:
+            region = F.max_pool3d((self.intensity > 0.1).float(), 5, stride=1, padding=2)[0, 0] > 0
+        return torch.nonzero(region)
 
     @property
     def table(self) -> Tensor:
@@ -95,13 +105,9 @@ def _resliced(moving: _Level, fixed: _Level, matrix: np.ndarray, metric: str) ->
 
 def _fixed_points(level: _Level, points: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Fixed-side sample points: RAS mm ``(N, 3)`` float64 and their features ``(N, C)``."""
-    if level.mask is not None:
-        region = level.mask[0, 0] > 0.5
-    else:
-        region = F.max_pool3d((level.intensity > 0.1).float(), 5, stride=1, padding=2)[0, 0] > 0
-    index = torch.nonzero(region)
+    index = level.foreground
     if index.shape[0] > points:
-        index = index[torch.randperm(index.shape[0], generator=generator)[:points]]
+        index = index[torch.randperm(index.shape[0], generator=generator)[:points].sort().values]  # in memory order
     values = level.features[0][:, index[:, 0], index[:, 1], index[:, 2]].T
     affine = torch.from_numpy(level.affine)
     return index.double() @ affine[:3, :3].T + affine[:3, 3], values
@@ -133,6 +139,17 @@ def _skew(vector: Tensor) -> Tensor:
                         torch.stack([-vector[1], vector[0], zero])])
 
 
+def _rotation(vector: Tensor) -> Tensor:
+    """The rotation ``exp([w]x)`` of a rotation vector ``w`` (radians; Rodrigues' formula, exact at ``w = 0``)."""
+    angle_squared = vector.square().sum()
+    small = angle_squared < 1e-12
+    angle = torch.where(small, torch.ones_like(angle_squared), angle_squared).sqrt()
+    sine = torch.where(small, 1.0 - angle_squared / 6, torch.sin(angle) / angle)
+    cosine = torch.where(small, 0.5 - angle_squared / 24, (1.0 - torch.cos(angle)) / angle.square())
+    skew = _skew(vector)
+    return torch.eye(3, dtype=vector.dtype) + sine * skew + cosine * (skew @ skew)
+
+
 class _Correction(torch.nn.Module):
     """``S p = R(w) (I + D) (p - c) + c + t`` from the identity; ``w``, ``D`` stored times ``radius``, ``t`` in mm."""
 
@@ -145,7 +162,7 @@ class _Correction(torch.nn.Module):
         self.translation = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
 
     def linear(self) -> Tensor:
-        rotation = torch.linalg.matrix_exp(_skew(self.rotation / self.radius))
+        rotation = _rotation(self.rotation / self.radius)
         return rotation @ (torch.eye(3, dtype=torch.float64) + self.shear / self.radius)
 
     def forward(self, points: Tensor) -> Tensor:
@@ -160,22 +177,44 @@ class _Correction(torch.nn.Module):
         return matrix
 
 
-def _trilinear(table: Tensor, shape: tuple[int, int, int], voxels: Tensor) -> Tensor:
+class _Trilinear(torch.autograd.Function):
     """Trilinear values of a channels-last volume ``table`` ``(X*Y*Z, C)`` at voxels ``(N, 3)``; border repeated.
 
     One gather of the eight neighbours' contiguous channel rows: about twice as fast as ``grid_sample`` on
-    scattered points of a 12-channel volume (forward and backward), and differentiable in ``voxels``.
+    scattered points of a 12-channel volume. Differentiable in ``voxels`` only, with the derivative of the
+    trilinear weights written out (about five times cheaper than autograd through the gather and products).
     """
-    upper = torch.tensor(shape, dtype=voxels.dtype) - 1
-    voxels = torch.minimum(voxels.clamp_min(0.0), upper)
-    base = torch.minimum(voxels.detach().floor(), (upper - 1).clamp_min(0))
-    fraction = voxels - base
-    strides = torch.tensor([shape[1] * shape[2], shape[2], 1])
-    start = (base.long() * strides).sum(1, keepdim=True)
-    rows = table[start + _CORNERS.to(strides) @ strides]  # (N, 8, C)
-    ends = torch.stack([1.0 - fraction, fraction], dim=2)  # (N, 3, 2): weight of the lower and upper neighbour
-    weights = ends[:, 0, _CORNERS[:, 0]] * ends[:, 1, _CORNERS[:, 1]] * ends[:, 2, _CORNERS[:, 2]]  # (N, 8)
-    return torch.einsum("nk,nkc->nc", weights, rows)
+
+    @staticmethod
+    def forward(ctx, voxels: Tensor, table: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        upper = torch.tensor(shape, dtype=voxels.dtype) - 1
+        inside = (voxels >= 0) & (voxels <= upper)  # where the border clamp does not hold the point
+        voxels = torch.minimum(voxels.clamp_min(0.0), upper)
+        base = torch.minimum(voxels.floor(), (upper - 1).clamp_min(0))
+        fraction = voxels - base
+        strides = torch.tensor([shape[1] * shape[2], shape[2], 1])
+        start = (base.long() * strides).sum(1, keepdim=True)
+        corners = (start + _CORNERS.to(strides) @ strides).flatten()
+        rows = table.index_select(0, corners).view(-1, 8, table.shape[1])  # (N, 8, C); faster than table[...]
+        # (N, 3, 8): each corner's weight along each axis, 1 - f for the lower neighbour and f for the upper one
+        per_axis = (1.0 - fraction).unsqueeze(2) + (2.0 * fraction - 1.0).unsqueeze(2) * _CORNERS.T.to(fraction)
+        per_axis = per_axis.unbind(1)
+        ctx.save_for_backward(rows, *per_axis, inside)
+        return ((per_axis[0] * per_axis[1] * per_axis[2]).unsqueeze(2) * rows).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):
+        rows, wx, wy, wz, inside = ctx.saved_tensors
+        along = torch.bmm(rows, grad_values.unsqueeze(2)).squeeze(2)  # (N, 8): d loss / d weight of each corner
+        signs = 2.0 * _CORNERS.to(along) - 1.0  # d end / d fraction: -1 for the lower neighbour, +1 for the upper
+        grad_voxels = torch.stack([(along * wy * wz * signs[:, 0]).sum(1), (along * wx * wz * signs[:, 1]).sum(1),
+                                   (along * wx * wy * signs[:, 2]).sum(1)], dim=1)
+        return grad_voxels * inside, None, None
+
+
+def _trilinear(table: Tensor, shape: tuple[int, int, int], voxels: Tensor) -> Tensor:
+    """:class:`_Trilinear`: ``(N, C)`` values of ``table`` ``(X*Y*Z, C)`` at voxels ``(N, 3)``, border repeated."""
+    return _Trilinear.apply(voxels, table, shape)
 
 
 def _sampled(level: _Level, table: Tensor, points_mm: Tensor) -> tuple[Tensor, Tensor]:
