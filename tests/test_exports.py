@@ -12,7 +12,7 @@ from rwcnet.commands.apply import warp_image
 from rwcnet.exports import (compose_affine, inverse_array, inverse_errors, inverse_field, residual_field,
                             write_itk_inverse, write_itk_transform_field)
 from rwcnet.geometry.grids import Grid, sampling_field
-from rwcnet.data.formats import Image, _to_sitk
+from rwcnet.data.formats import Image, _to_sitk, write_image
 
 FIXED_SHAPE = (36, 32, 28)
 MOVING_SHAPE = (40, 34, 30)
@@ -115,3 +115,25 @@ def test_inverse_undoes_the_whole_transform_both_ways_and_in_simpleitk(tmp_path,
         point = tuple(float(v) for v in lps @ (moving.affine[:3, :3] @ voxel + moving.affine[:3, 3]))
         for transform in (backward, composite_backward):
             np.testing.assert_allclose(forward.TransformPoint(transform.TransformPoint(point)), point, atol=0.2)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".h5", "affine.txt", "affine.mat"])
+def test_ants_applies_the_exported_transforms_as_rwcnet_does(tmp_path, pair, suffix):
+    """antsApplyTransforms (through antspyx, where it is installed) reads each export as rwcnet means it."""
+    ants = pytest.importorskip("ants")
+    fixed, moving, matrix, field = pair
+    if suffix.startswith("affine"):
+        path = tmp_path / suffix
+        write_itk_transform(path, matrix)
+        field = compose_affine(np.zeros(FIXED_SHAPE + (3,), np.float32), fixed, matrix)
+    else:
+        path = tmp_path / f"transform{suffix}"
+        write_itk_transform_field(path, field, fixed, matrix)
+    write_image(tmp_path / "fixed.nii.gz", fixed.array, fixed)
+    write_image(tmp_path / "moving.nii.gz", moving.array, moving)
+    warped = ants.apply_transforms(fixed=ants.image_read(str(tmp_path / "fixed.nii.gz")),
+                                   moving=ants.image_read(str(tmp_path / "moving.nii.gz")),
+                                   transformlist=[str(path)], interpolator="linear").numpy()
+    inside = _inside(fixed, moving, field)
+    ours = _rwcnet_warp(fixed, moving, field)[inside]
+    assert np.corrcoef(ours, warped[inside])[0, 1] >= 0.999
