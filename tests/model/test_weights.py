@@ -1,9 +1,11 @@
 """The shipped ``brain`` weights: present in the package, loadable, and better than zero on a known deformation."""
 
+import pytest
 import torch
 
 from rwcnet import geometry
 from rwcnet.model import load_model
+from rwcnet.model.files import build_model
 from rwcnet.pipeline.network import shipped_model_path
 from rwcnet.synthetic import random_deformation
 
@@ -19,20 +21,38 @@ def test_shipped_brain_weights_carry_their_training_metadata():
     assert "BRAIN_0001_0000" not in images and "BRAIN_0002_0000" not in images
 
 
-def test_shipped_brain_weights_recover_most_of_a_known_smooth_deformation():
-    model, _ = load_model(shipped_model_path("brain"))
-    model.eval()
-    shape = (64, 64, 64)
+def _synthetic_pair(shape=(64, 64, 64)):
+    """A smooth random image, a known smooth deformation ``truth`` (4 mm, 12 mm smooth) and the moving image it maps."""
     generator = torch.Generator().manual_seed(0)
     coarse = torch.rand(1, 1, 8, 8, 8, generator=generator)
     fixed = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)
     fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
     truth = random_deformation(shape, (1.0, 1.0, 1.0), magnitude_mm=4.0, smoothness_mm=12.0, seed=1)
-    inverse = geometry.invert_field(truth).field
-    moving = geometry.warp(fixed, inverse)  # so that warp(moving, truth) = fixed
+    moving = geometry.warp(fixed, geometry.invert_field(truth).field)  # so that warp(moving, truth) = fixed
+    return fixed, moving, truth
+
+
+def _endpoint_error(model, fixed, moving, truth) -> float:
+    inner = (slice(None), slice(None), *(slice(8, -8),) * 3)
+    model.eval()
     with torch.no_grad():
         field = model(fixed, moving).field
-    inner = (slice(None), slice(None), *(slice(8, -8),) * 3)
-    error = (field - truth)[inner].norm(dim=1).mean()
-    before = truth[inner].norm(dim=1).mean()
-    assert error < 0.75 * before  # measured: 0.95 against 1.61 (untrained network: 0.92; trained on brains)
+    return float((field - truth)[inner].norm(dim=1).mean())
+
+
+def test_shipped_brain_weights_recover_most_of_a_known_smooth_deformation():
+    model, _ = load_model(shipped_model_path("brain"))
+    fixed, moving, truth = _synthetic_pair()
+    before = float(truth[:, :, 8:-8, 8:-8, 8:-8].norm(dim=1).mean())
+    assert _endpoint_error(model, fixed, moving, truth) < 0.75 * before  # measured: 0.95 against 1.61
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18: brain.pt (340 steps of cpu-brain) is no better than an untrained "
+                                       "network here (endpoint error 0.95 against 0.92); strict, so a model that "
+                                       "passes turns this marker into a failure to remove")
+def test_shipped_brain_weights_beat_an_untrained_network_of_the_same_config():
+    model, _ = load_model(shipped_model_path("brain"))
+    torch.manual_seed(0)
+    untrained = build_model(model.config)
+    fixed, moving, truth = _synthetic_pair()
+    assert _endpoint_error(model, fixed, moving, truth) <= 0.6 * _endpoint_error(untrained, fixed, moving, truth)
