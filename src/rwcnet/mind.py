@@ -11,14 +11,11 @@ maps it into ``(0, 1]``. The descriptor does not change under
 ``I → αI + β`` (``α > 0``), which makes it a good target for instance
 optimisation across contrasts.
 
-Also here: :func:`box_filter`, the box mean used by MIND, the
-ConvexAdam cost volume and the field smoothing, and
-:func:`fill_outside_mask`, the masking that ConvexAdam applies before MIND.
+Also here: :func:`fill_outside_mask`, the masking that ConvexAdam applies
+before MIND. The box means are :func:`rwcnet.geometry.filters.box_filter`.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from rwcnet.geometry import identity_grid, sample
+from rwcnet.geometry.filters import box_filter
 
 Tensor = torch.Tensor
 
@@ -39,33 +37,6 @@ MIND_PAIRS = tuple(
     for j in range(i + 1, 6)
     if sum(a * b for a, b in zip(SIX_NEIGHBOURHOOD[i], SIX_NEIGHBOURHOOD[j])) == 0
 )
-
-
-def box_filter(volume: Tensor, radius: int = 1, *, padding: str = "zeros", dims: Sequence[int] = (2, 3, 4)) -> Tensor:
-    """Mean over a ``(2r+1)³`` box along ``dims`` (the spatial axes of ``(B, C, X, Y, Z)`` by default); same shape.
-
-    ``padding="zeros"`` counts outside voxels as zero (what
-    ``avg_pool3d(2r+1, stride=1, padding=r)`` does); ``"replicate"`` repeats
-    the border voxel. Computed separably with shifted sums; differentiable.
-    """
-    if padding not in ("zeros", "replicate"):
-        raise ValueError(f"unknown padding {padding!r}; use 'zeros' or 'replicate'")
-    if radius == 0:
-        return volume
-    for dim in dims:
-        n = volume.shape[dim]
-        total = volume.clone()
-        for k in range(1, radius + 1):
-            inside = max(n - k, 0)  # voxels whose neighbour at distance k lies inside the volume
-            if inside:
-                total.narrow(dim, k, inside).add_(volume.narrow(dim, 0, inside))
-                total.narrow(dim, 0, inside).add_(volume.narrow(dim, k, inside))
-            if padding == "replicate":
-                outside = n - inside
-                total.narrow(dim, 0, outside).add_(volume.narrow(dim, 0, 1))
-                total.narrow(dim, n - outside, outside).add_(volume.narrow(dim, n - 1, 1))
-        volume = total
-    return volume / float((2 * radius + 1) ** len(dims))
 
 
 def _shifted(volume: Tensor, offset: tuple[int, int, int], pad: int) -> Tensor:
@@ -96,7 +67,7 @@ def mind_ssc(image: Tensor, radius: int = 1, dilation: int = 2, *, eps: float = 
         for channel, (i, j) in enumerate(MIND_PAIRS):
             torch.sub(neighbours[i], neighbours[j], out=distances[:, channel : channel + 1])
         distances.square_()
-    distances = box_filter(distances, radius, padding="replicate")
+    distances = box_filter(distances, radius, border="replicate")
     minimum = distances.min(dim=1, keepdim=True).values
     distances = distances - minimum if differentiable else distances.sub_(minimum)
     variance = distances.mean(dim=1, keepdim=True)
@@ -120,7 +91,7 @@ def fill_outside_mask(image: Tensor, mask: Tensor) -> Tensor:
     """
     if image.shape != mask.shape or image.dim() != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"fill_outside_mask expects two (1, 1, X, Y, Z) volumes, got {tuple(image.shape)} and {tuple(mask.shape)}")
-    inside = box_filter((mask != 0).to(image.dtype), 1, padding="replicate") > 0.9
+    inside = box_filter((mask != 0).to(image.dtype), 1, border="replicate") > 0.9
     if not bool(inside.any()):
         return image
     coarse_inside = inside[0, 0, ::2, ::2, ::2].cpu().numpy()

@@ -16,21 +16,21 @@ At every level each iteration
 
 This is the scheme of greedy (Yushkevich et al.) with its default smoothing
 (1.732 and 0.7071 voxels), step (1 voxel) and NCC window (5³). Filters are
-separable sums of shifted views into preallocated buffers (no convolution
-kernels, no temporaries per pass); borders are renormalised, i.e. a window
-is clipped to the volume. Fields are pull-back displacements in voxels of the
+:class:`rwcnet.geometry.filters.SeparableFilter`: sums of shifted views into
+preallocated buffers (no convolution kernels, no temporaries per pass), with
+renormalised borders, i.e. a window is clipped to the volume. Fields are pull-back displacements in voxels of the
 working grid, ``(1, 3, X, Y, Z)``; images ``(1, 1, X, Y, Z)``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet.geometry import compose, identity_grid, resize_field, resize_volume, sample
+from rwcnet.geometry.filters import SeparableFilter, box_half_kernel, gaussian_half_kernel
 from rwcnet.instance_optimisation import mind_pair
 from rwcnet.presets import Presets
 
@@ -82,60 +82,6 @@ def refine_config(preset: str | RefineConfig = "brain", **overrides) -> RefineCo
     return config
 
 
-def gaussian_weights(sigma: float) -> list[float]:
-    """Half of a sampled Gaussian kernel (centre first), radius ``ceil(3σ)``; ``[1]`` for σ = 0. Unnormalised."""
-    if sigma <= 0:
-        return [1.0]
-    return [math.exp(-0.5 * (k / sigma) ** 2) for k in range(int(math.ceil(3 * sigma)) + 1)]
-
-
-class SeparableFilter:
-    """A symmetric 1-D kernel applied along the three axes of ``(1, C, X, Y, Z)`` volumes of one shape.
-
-    ``weights`` is the half kernel ``w_0 .. w_r``. With ``normalise`` each
-    output is divided by the kernel weight that fell inside the volume (a
-    window clipped to the volume: the mean, for a box); otherwise the sums
-    are zero-padded. Two scratch volumes are allocated once.
-    """
-
-    def __init__(self, weights: Sequence[float], shape: Sequence[int], channels: int, *, normalise: bool, device=None,
-                 dtype=torch.float32):
-        self.weights = [float(w) for w in weights]
-        self.scratch = torch.empty((1, channels, *shape), device=device, dtype=dtype)
-        self.norms = []
-        for axis, n in enumerate(shape):
-            ones = torch.ones(n, device=device, dtype=dtype)
-            total = ones * self.weights[0]
-            for k, w in enumerate(self.weights[1:], 1):
-                if k < n:
-                    total[k:] += w
-                    total[: n - k] += w
-            view = [1, 1, 1, 1, 1]
-            view[axis + 2] = n
-            self.norms.append(total.reciprocal().view(view) if normalise else None)
-
-    def _pass(self, source: Tensor, target: Tensor, dim: int) -> None:
-        n = source.shape[dim]
-        torch.mul(source, self.weights[0], out=target)
-        for k, w in enumerate(self.weights[1:], 1):
-            if k >= n:
-                break
-            target.narrow(dim, k, n - k).add_(source.narrow(dim, 0, n - k), alpha=w)
-            target.narrow(dim, 0, n - k).add_(source.narrow(dim, k, n - k), alpha=w)
-        if self.norms[dim - 2] is not None:
-            target.mul_(self.norms[dim - 2])
-
-    def __call__(self, source: Tensor, out: Tensor) -> Tensor:
-        """Filter ``source`` into ``out`` (same shape as the filter's, ``out`` not ``source``); returns ``out``."""
-        if len(self.weights) == 1:
-            return out.copy_(source)
-        scratch = self.scratch[:, : source.shape[1]]
-        self._pass(source, out, 2)
-        self._pass(out, scratch, 3)
-        self._pass(scratch, out, 4)
-        return out
-
-
 def flat_levels(fixed: Tensor, moving: Tensor, weight: Tensor | None = None) -> tuple[float, float]:
     """``(flat, eps)`` of :func:`local_ncc`: ``FLAT ×`` the fixed image's variance, ``FLAT² ×`` the moving one's.
 
@@ -160,7 +106,7 @@ def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor 
     default_flat, default_eps = flat_levels(fixed, warped, weight)
     flat = default_flat if flat is None else flat
     eps = default_eps if eps is None else eps
-    box = SeparableFilter([1.0] * (radius + 1), fixed.shape[2:], 5, normalise=True, device=fixed.device, dtype=fixed.dtype)
+    box = SeparableFilter(box_half_kernel(radius), fixed.shape[2:], 5, device=fixed.device, dtype=fixed.dtype)
     terms = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1)
     means = box(terms, torch.empty_like(terms))
     mf, mw, mff, mww, mfw = means.unbind(1)
@@ -203,18 +149,18 @@ class _Level:
         self.coords = torch.empty(1, 3, *shape, device=device)
         self.force = torch.empty(1, 3, *shape, device=device)
         self.smoothed = torch.empty(1, 3, *shape, device=device)
-        self.update_filter = SeparableFilter(gaussian_weights(config.sigma_update), shape, 3, normalise=True, device=device)
-        self.field_filter = SeparableFilter(gaussian_weights(config.sigma_field), shape, 3, normalise=True, device=device)
+        self.update_filter = SeparableFilter(gaussian_half_kernel(config.sigma_update), shape, 3, device=device)
+        self.field_filter = SeparableFilter(gaussian_half_kernel(config.sigma_field), shape, 3, device=device)
         if metric == "ncc":
-            self.box = SeparableFilter([1.0] * (config.ncc_radius + 1), shape, 4, normalise=True, device=device)
+            self.box = SeparableFilter(box_half_kernel(config.ncc_radius), shape, 4, device=device)
             self.stats = torch.empty(1, 4, *shape, device=device)
             self.terms = torch.empty(1, 4, *shape, device=device)
-            self.mf = box_mean(self.box, fixed)
+            self.mf = self.box(fixed, torch.empty_like(fixed))
             flat, self.eps = flat_levels(fixed, moving, weight)
-            var_f = box_mean(self.box, fixed * fixed) - self.mf**2
+            var_f = self.box(fixed * fixed, torch.empty_like(fixed)) - self.mf**2
             self.structured = (var_f > flat).float()  # windows that count (see local_ncc)
             self.var_f = var_f.clamp_min_(flat)
-            self.counts = (self.box.norms[0] * self.box.norms[1] * self.box.norms[2]).reciprocal()  # voxels per window
+            self.counts = self.box.window_weights()  # voxels per window
 
     def similarity_gradient(self, residual: Tensor) -> tuple[Tensor, float]:
         """The gradient of the similarity with respect to the displacement (into ``self.force``) and the similarity."""
@@ -291,11 +237,6 @@ class _Level:
             self.field_filter(residual, self.smoothed)
             residual.copy_(self.smoothed)
         return value
-
-
-def box_mean(box: SeparableFilter, volume: Tensor) -> Tensor:
-    """The window means of a ``(1, 1, X, Y, Z)`` volume under a normalised box filter."""
-    return box(volume, torch.empty_like(volume))
 
 
 def choose_metric(requested: str, modality: str, fixed: Tensor, warped: Tensor, mask: Tensor | None,

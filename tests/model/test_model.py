@@ -285,26 +285,3 @@ def test_untrained_readout_moves_towards_a_known_constant_shift():
 def test_readout_smoothing_must_be_odd():
     with pytest.raises(ValueError, match="readout_smoothing"):
         tiny_stage(correlation="sad", readout=True, readout_smoothing=4)
-
-
-@pytest.mark.parametrize("width", [3, 7])
-def test_separable_box_mean_equals_the_3d_average_pool_inside_the_volume(width):
-    from rwcnet.model.stage import box_mean
-
-    volume = torch.randn(2, 3, 9, 8, 11, dtype=torch.float64)
-    expected = torch.nn.functional.avg_pool3d(volume, width, 1, width // 2, count_include_pad=False)
-    torch.testing.assert_close(box_mean(volume, width), expected)
-
-
-def test_box_mean_on_an_axis_shorter_than_the_box_is_the_brute_force_mean():
-    from rwcnet.model.stage import box_mean
-
-    volume = torch.randn(1, 2, 4, 2, 5, dtype=torch.float64)
-    got = box_mean(volume, 7)
-    expected = torch.empty_like(volume)
-    for x in range(4):
-        for y in range(2):
-            for z in range(5):
-                box = volume[..., max(0, x - 3) : x + 4, max(0, y - 3) : y + 4, max(0, z - 3) : z + 4]
-                expected[..., x, y, z] = box.mean(dim=(2, 3, 4))
-    torch.testing.assert_close(got, expected)

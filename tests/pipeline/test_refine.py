@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwcnet.refine import RefineConfig, SeparableFilter, _Level, choose_metric, gaussian_weights, local_ncc, refine
+from rwcnet.geometry.filters import SeparableFilter, gaussian_half_kernel
+from rwcnet.refine import RefineConfig, _Level, choose_metric, local_ncc, refine
 from rwcnet.synthetic import make_pair, random_deformation
 
 SHAPE = (40, 40, 40)
@@ -40,7 +41,7 @@ def test_gaussian_filter_matches_scipy_inside():
     from scipy.ndimage import gaussian_filter
 
     volume = torch.rand(1, 2, 20, 18, 16)
-    smoothing = SeparableFilter(gaussian_weights(1.5), volume.shape[2:], 2, normalise=True)
+    smoothing = SeparableFilter(gaussian_half_kernel(1.5), volume.shape[2:], 2)
     ours = smoothing(volume, torch.empty_like(volume)).numpy()
     theirs = gaussian_filter(volume.numpy(), sigma=(0, 0, 1.5, 1.5, 1.5), truncate=3.0, mode="constant")
     inner = (slice(None), slice(None)) + (slice(5, -5),) * 3  # away from the borders, where ours renormalises

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rwcnet.geometry import resize_field, warp
 from rwcnet.geometry.layout import crop, integer_shifts, pad_to_multiple
-from rwcnet.mind import box_filter
+from rwcnet.geometry.filters import box_filter
 from rwcnet.presets import Presets
 from rwcnet.instance_optimisation import (
     IO_PRESETS,

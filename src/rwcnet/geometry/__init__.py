@@ -3,7 +3,9 @@
 * :mod:`rwcnet.geometry.fields`: warp, compose, invert, resize, Jacobian of displacement fields
   (torch, ``(B, 3, X, Y, Z)`` in voxels); its functions are re-exported here;
 * :mod:`rwcnet.geometry.grids`: which grid is the fixed grid, working grids, how a field samples
-  an image on another grid.
+  an image on another grid;
+* :mod:`rwcnet.geometry.filters`: separable filters (box, Gaussian; zero, renormalised or
+  replicated borders) used by MIND, the network's readout and correlation, IO and refinement.
 """
 
 from rwcnet.geometry.fields import (  # noqa: F401  (the field algebra, used as rwcnet.geometry.NAME)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from rwcnet.geometry.filters import box_filter
 from rwcnet.geometry.layout import integer_shifts
 
 Tensor = torch.Tensor
@@ -96,19 +97,12 @@ def _slabs(volume: Tensor, elements: int = _CPU_SLAB_ELEMENTS) -> Iterator[tuple
 def _box(volume: Tensor, out: Tensor) -> Tensor:
     """3x3x3 mean filter per channel of ``volume`` into ``out`` (may be ``volume`` itself).
 
-    Zero padding, count_include_pad=True (always divided by 27). Done separably as sums of
-    neighbouring slices on a few channels at a time, so temporaries stay small and in cache
-    (several times faster than ``avg_pool3d`` on CPU).
+    Zero padding, count_include_pad=True (always divided by 27): :func:`rwcnet.geometry.filters.box_filter`
+    on a few channels at a time, so temporaries stay small and in cache (several times faster than
+    ``avg_pool3d`` on CPU).
     """
     for c0 in range(0, volume.shape[1], _BOX_CHANNELS):
-        part = volume[:, c0 : c0 + _BOX_CHANNELS]
-        for dim in (2, 3, 4):
-            size = part.shape[dim]
-            summed = part.clone()
-            summed.narrow(dim, 1, size - 1).add_(part.narrow(dim, 0, size - 1))
-            summed.narrow(dim, 0, size - 1).add_(part.narrow(dim, 1, size - 1))
-            part = summed
-        torch.div(part, 27.0, out=out[:, c0 : c0 + _BOX_CHANNELS])
+        box_filter(volume[:, c0 : c0 + _BOX_CHANNELS], 1, out=out[:, c0 : c0 + _BOX_CHANNELS])
     return out
 
 

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rwcnet import geometry
+from rwcnet.geometry.filters import box_filter
 from rwcnet.model.config import ModelConfig, StageConfig
 from rwcnet.model.correlation import local_correlation, soft_argmax
 from rwcnet.model.encoders import ContextEncoder, FeatureEncoder
@@ -29,27 +29,6 @@ class StageState:
     moving_image: torch.Tensor  # (B, 1, X, Y, Z)
     hidden: torch.Tensor  # (B, H, X, Y, Z)
     context: torch.Tensor  # (B, K, X, Y, Z), K may be 0
-
-
-def box_mean(volume: torch.Tensor, width: int) -> torch.Tensor:
-    """Mean over the ``width^3`` box around each voxel of ``(B, C, X, Y, Z)``, counting only voxels inside.
-
-    Equal to ``avg_pool3d(volume, width, 1, width // 2, count_include_pad=False)`` for odd ``width``,
-    but for any size (also axes shorter than the box): three 1-D running sums (the box and its
-    in-volume part are both separable), each a difference of cumulative sums.
-    """
-    pad = width // 2
-    for axis in (2, 3, 4):
-        size = volume.shape[axis]
-        padding = [0, 0] * (4 - axis) + [pad + 1, pad]  # F.pad lists the last axis first
-        running = torch.cumsum(F.pad(volume, padding), dim=axis)
-        sums = running.narrow(axis, width, size) - running.narrow(axis, 0, size)
-        index = torch.arange(size, device=volume.device)
-        counts = (index + pad).clamp(max=size - 1) - (index - pad).clamp(min=0) + 1
-        shape = [1] * volume.dim()
-        shape[axis] = size
-        volume = sums / counts.to(volume.dtype).view(shape)
-    return volume
 
 
 class RecurrentStage(nn.Module):
@@ -106,7 +85,7 @@ class RecurrentStage(nn.Module):
         """Smoothed soft-argmax of the correlation: a displacement estimate ``(B, 3, X, Y, Z)`` in stage voxels."""
         estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
         for _ in range(2 if self.config.readout_smoothing > 1 else 0):
-            estimate = box_mean(estimate, self.config.readout_smoothing)
+            estimate = box_filter(estimate, self.config.readout_smoothing // 2, border="renormalise")
         return estimate
 
     def iterate(
