@@ -3,7 +3,7 @@
 ``PRESETS[name]`` gives a preset (an entry may be a config or a function making one, for presets
 that are expensive or built from others); ``PRESETS.resolve(name_or_config, **overrides)`` gives it
 with the non-``None`` overrides applied and validated. Used for instance optimisation, refinement,
-ConvexAdam, losses and training; an unknown name is a ``ValueError`` naming the concern and the choices.
+ConvexAdam, losses, training and the networks; an unknown name is a ``ValueError`` naming the concern and the choices.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ class Presets(Mapping[str, Config], Generic[Config]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    @classmethod
+    def merged(cls, concern: str, *registries: "Presets") -> "Presets":
+        """One registry holding the entries of ``registries`` (later ones win a name)."""
+        entries: dict = {}
+        for registry in registries:
+            entries.update(registry._entries)
+        return cls(concern, entries)
 
     def resolve(self, preset: str | Config, **overrides) -> Config:
         """The preset ``preset`` (or the config given) with the non-``None`` ``overrides`` applied and validated."""

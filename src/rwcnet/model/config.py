@@ -1,6 +1,7 @@
 """Network configuration: one validated object per stage, one for the cascade, and named presets.
 
-Presets (``rwcnet_preset(name)``; :func:`rwcnet.model.presets.model_preset` also knows LapIRN's):
+Presets (:data:`RWCNET_PRESETS`, a :class:`rwcnet.presets.Presets`; ``rwcnet_preset(name)`` also
+builds ``<base>:<ablation>`` and ``steps=N``; :func:`rwcnet.model.presets.model_preset` also knows LapIRN's):
 
 * ``reference`` — the paper's Table 1 with the reference code's sizes (a GPU design):
   1/4, 1/2 and full resolution, 12/12/4 iterations, radius 3/3/2, patch factor 1/0.5/0.5,
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rwcnet.presets import Presets, UnknownPreset
 
 
 class StageConfig(BaseModel):
@@ -138,9 +141,6 @@ def _cpu() -> ModelConfig:
     )
 
 
-_BASES = {"reference": _reference, "cpu": _cpu}
-
-
 def _ablate(config: ModelConfig, ablation: str) -> ModelConfig:
     data = config.model_dump()
     if ablation == "single_resolution":
@@ -160,15 +160,28 @@ def _ablate(config: ModelConfig, ablation: str) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-PRESETS = ("reference", "cpu", "single_resolution", "no_correlation", "steps=2", "lapirn", "lapirn-cpu")
+def _reference_ablation(ablation: str):
+    return lambda: _ablate(_reference(), ablation)
+
+
+#: The named RWCNet configurations (each lookup builds a new, mutable config). The ablations here
+#: apply to ``reference``; :func:`rwcnet_preset` also builds ``cpu:<ablation>`` and ``steps=N``.
+RWCNET_PRESETS: Presets[ModelConfig] = Presets("model", {
+    "reference": _reference,
+    "cpu": _cpu,
+    **{name: _reference_ablation(name) for name in ("single_resolution", "no_correlation", "steps=2")},
+})
+_BASES = ("reference", "cpu")
 
 
 def rwcnet_preset(name: str) -> ModelConfig:
-    """An RWCNet preset by name: ``reference``, ``cpu``, an ablation or ``<base>:<ablation>``."""
+    """An RWCNet preset by name: one of :data:`RWCNET_PRESETS`, ``<base>:<ablation>`` or ``steps=N``."""
+    if name in RWCNET_PRESETS:
+        return RWCNET_PRESETS[name]
     base, _, ablation = name.partition(":")
-    if base in _BASES:
-        config = _BASES[base]()
-        return _ablate(config, ablation) if ablation else config
-    if not ablation:
+    if base in _BASES and ablation:
+        return _ablate(RWCNET_PRESETS[base], ablation)
+    if not ablation and base.startswith("steps="):
         return _ablate(_reference(), base)
-    raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)} or cpu:<ablation>")
+    raise UnknownPreset(f"unknown model preset {name!r}; use one of {sorted(RWCNET_PRESETS)}, "
+                        f"<base>:<ablation> (base {' or '.join(_BASES)}) or steps=N")

@@ -9,7 +9,7 @@ scaling and squaring). Coarse levels are trained first and frozen while a finer
 one trains, with the same ``forward``/``freeze_stages`` interface as
 :class:`~rwcnet.model.cascade.RWCNet`, so the training loop runs it unchanged.
 
-Presets (``lapirn_preset(name)``, also reachable through :func:`rwcnet.model.presets.model_preset`):
+Presets (:data:`LAPIRN_PRESETS`, ``lapirn_preset(name)``; also in :data:`rwcnet.model.presets.PRESETS`):
 
 * ``lapirn`` — widths of the LapIRN paper's order (28 channels, one stride-2
   level, 5 residual blocks); a GPU design.
@@ -28,6 +28,7 @@ from torch import nn
 
 from rwcnet import geometry
 from rwcnet.geometry.layout import pad_to_multiple
+from rwcnet.presets import Presets
 from rwcnet.model.cascade import CascadeOutput, StageResult, StagewiseModel
 from rwcnet.model.tiling import Box
 
@@ -79,13 +80,16 @@ class LapIRNConfig(BaseModel):
         return self.downsample[0] * 2 ** (len(self.widths) - 1)
 
 
+#: ``lapirn`` (paper-like widths, GPU) and ``lapirn-cpu`` (narrow, CPU); each lookup builds a new config.
+LAPIRN_PRESETS: Presets[LapIRNConfig] = Presets("LapIRN", {
+    "lapirn": lambda: LapIRNConfig(name="lapirn"),
+    "lapirn-cpu": lambda: LapIRNConfig(name="lapirn-cpu", widths=[4, 8, 16], blocks=2, halo=16),
+})
+
+
 def lapirn_preset(name: str) -> LapIRNConfig:
-    """``lapirn`` (paper-like widths, GPU) or ``lapirn-cpu`` (narrow, CPU)."""
-    if name == "lapirn":
-        return LapIRNConfig(name="lapirn")
-    if name == "lapirn-cpu":
-        return LapIRNConfig(name="lapirn-cpu", widths=[4, 8, 16], blocks=2, halo=16)
-    raise ValueError(f"unknown LapIRN preset {name!r}; known: lapirn, lapirn-cpu")
+    """A LapIRN preset by name (:data:`LAPIRN_PRESETS`); an unknown name is a ``ValueError``."""
+    return LAPIRN_PRESETS[name]
 
 
 def _conv(inputs: int, outputs: int, stride: int = 1) -> nn.Conv3d:
