@@ -27,6 +27,7 @@ same field on the same device.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal, Sequence
 
@@ -88,9 +89,14 @@ def smooth_field(field: Tensor) -> Tensor:
     computed as one banded matrix product per axis (:func:`rwcnet.geometry.filters.filter_matrix`;
     much faster on CPU, forward and backward, than nine shifted-sum passes).
     """
-    matrices = [filter_matrix(n, box_half_kernel(1), border="zeros", repeats=3, device=field.device, dtype=field.dtype)
-                for n in field.shape[2:]]
-    return apply_axis_matrices(field, matrices)
+    return apply_axis_matrices(field, [_triple_box_matrix(n, field.device, field.dtype) for n in field.shape[2:]])
+
+
+@functools.lru_cache(maxsize=16)
+def _triple_box_matrix(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The ``n × n`` matrix of three zero-padded 3-box means along an axis; made once per size (every Adam step uses it)."""
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
+        return filter_matrix(n, box_half_kernel(1), border="zeros", repeats=3, device=device, dtype=dtype)
 
 
 def diffusion_loss(field: Tensor) -> Tensor:
