@@ -8,7 +8,8 @@ import torch
 from scipy.ndimage import correlate1d, uniform_filter
 
 from rwcnet.geometry.filters import (
-    SeparableFilter, apply_axis_matrices, box_filter, box_half_kernel, filter_matrix, gaussian_half_kernel, separable_filter,
+    SeparableFilter, apply_axis_matrices, box_filter, box_half_kernel, filter_matrix, gaussian_half_kernel, running_box_mean,
+    separable_filter,
 )
 
 SCIPY_MODE = {"zeros": "constant", "replicate": "nearest"}
@@ -56,6 +57,7 @@ def test_renormalised_box_equals_average_pool_without_padding(width):
     volume = _volume()
     expected = torch.nn.functional.avg_pool3d(volume, width, 1, width // 2, count_include_pad=False)
     torch.testing.assert_close(box_filter(volume, width // 2, border="renormalise"), expected)
+    torch.testing.assert_close(running_box_mean(volume, width // 2), expected)
 
 
 def test_zero_bordered_box_equals_average_pool_with_padding():
@@ -67,6 +69,7 @@ def test_zero_bordered_box_equals_average_pool_with_padding():
 def test_renormalised_box_on_axes_shorter_than_the_box_is_the_brute_force_mean():
     volume = _volume((1, 2, 4, 2, 5))
     got = box_filter(volume, 3, border="renormalise")
+    torch.testing.assert_close(running_box_mean(volume, 3), got)
     expected = torch.empty_like(volume)
     for x in range(4):
         for y in range(2):

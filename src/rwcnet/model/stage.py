@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rwcnet import geometry
-from rwcnet.geometry.filters import box_filter
+from rwcnet.geometry.filters import running_box_mean
 from rwcnet.model.config import ModelConfig, StageConfig
 from rwcnet.model.correlation import local_correlation, soft_argmax
 from rwcnet.model.encoders import ContextEncoder, FeatureEncoder
@@ -85,7 +85,7 @@ class RecurrentStage(nn.Module):
         """Smoothed soft-argmax of the correlation: a displacement estimate ``(B, 3, X, Y, Z)`` in stage voxels."""
         estimate = soft_argmax(cost, self.config.radius, self.config.correlation, self.readout_log_temperature.exp())
         for _ in range(2 if self.config.readout_smoothing > 1 else 0):
-            estimate = box_filter(estimate, self.config.readout_smoothing // 2, border="renormalise")
+            estimate = running_box_mean(estimate, self.config.readout_smoothing // 2)
         return estimate
 
     def iterate(
