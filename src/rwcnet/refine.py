@@ -22,7 +22,8 @@ This is the scheme of greedy (Yushkevich et al.) with its default smoothing
 (1.732 and 0.7071 voxels), step (1 voxel) and NCC window (5³); with
 ``ncc_signed``, ``interpolant_gradient``, ``compose``, ``scale_step`` and
 ``smooth_total`` its NCC gradient matches greedy 1.4's own (``greedy -metric
--og``: correlation 0.98 per component inside a real brain pair, same scale).
+-og``: correlation 0.97-0.98 per component inside a real brain pair, same scale;
+``benchmarks/greedy_gradient.py``).
 Filters are separable sums of shifted views into preallocated buffers (no
 convolution kernels, no temporaries per pass); borders are renormalised, i.e.
 a window is clipped to the volume. Fields are pull-back displacements in voxels
