@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rwcnet.geometry import sample
 from rwcnet.geometry.filters import SeparableFilter, gaussian_half_kernel
-from rwcnet.refine import RefineConfig, _Level, choose_metric, local_ncc, refine
+from rwcnet.refine import RefineConfig, _Level, choose_metric, flat_levels, local_ncc, pyramid_level, refine
 from rwcnet.synthetic import make_pair, random_deformation
 
 SHAPE = (40, 40, 40)
@@ -48,14 +49,15 @@ def test_gaussian_filter_matches_scipy_inside():
     np.testing.assert_allclose(ours[inner], theirs[inner], atol=2e-3)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_ncc_derivative_matches_autograd(masked):
-    """The analytic derivative against autograd through an independent NCC (avg_pool3d over clipped windows)."""
+@pytest.mark.parametrize("masked, signed", [(False, False), (True, False), (False, True), (True, True)])
+def test_ncc_derivative_matches_autograd(masked, signed):
+    """The analytic derivative against autograd through an independent NCC (avg_pool3d over clipped windows);
+    signed: sign(cov)·ncc², on a pair with anticorrelated windows."""
     generator = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, 1, 9, 8, 7, generator=generator)
-    warped = 0.5 * fixed + 0.5 * torch.rand(fixed.shape, generator=generator)
+    warped = (0.5 - 0.6 * signed) * fixed + 0.5 * torch.rand(fixed.shape, generator=generator)
     weight = (torch.rand(fixed.shape, generator=generator) > 0.3).float() if masked else None
-    level = _Level(fixed, warped, torch.zeros(1, 3, 9, 8, 7), weight, None, "ncc", RefineConfig())
+    level = _Level(fixed, warped, torch.zeros(1, 3, 9, 8, 7), weight, None, "ncc", RefineConfig(ncc_signed=signed))
     derivative, value = level.ncc_derivative(warped)
 
     def mean_of(v):
@@ -65,7 +67,11 @@ def test_ncc_derivative_matches_autograd(masked):
     f = fixed.double()
     mf, mw = mean_of(f), mean_of(reference)
     var_f = mean_of(f * f) - mf**2
-    ncc = (mean_of(f * reference) - mf * mw) ** 2 / (var_f * (mean_of(reference**2) - mw**2 + level.eps)) * level.structured
+    cov = mean_of(f * reference) - mf * mw
+    ncc = cov**2 / (var_f * (mean_of(reference**2) - mw**2 + level.eps)) * level.structured
+    if signed:
+        assert bool((cov < 0).any()) and bool((cov > 0).any())
+        ncc = ncc * torch.sign(cov.detach())
     total = ncc.sum() if weight is None else (ncc * weight.double()).sum()
     total.backward()
     expected_value = total.item() / (ncc.numel() if weight is None else float(weight.sum()))
@@ -73,11 +79,62 @@ def test_ncc_derivative_matches_autograd(masked):
     torch.testing.assert_close(derivative.double(), reference.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("metric", ["ncc", "mind"])
-def test_recovers_a_known_smooth_displacement(metric):
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_interpolant_gradient_is_the_derivative_of_the_ncc_sum_per_sample_point(float64):
+    """The force with the interpolant's gradient against central differences of ``local_ncc`` (independent)
+    when the sample point of one voxel moves, at points between voxels."""
+    generator = torch.Generator().manual_seed(2)
+    fixed = torch.rand(1, 1, 9, 8, 7, generator=generator)
+    moving = 0.5 * fixed + 0.5 * torch.rand(fixed.shape, generator=generator)
+    residual = 0.8 * torch.rand(1, 3, 9, 8, 7, generator=generator) - 0.4
+    level = _Level(fixed, moving, torch.zeros(1, 3, 9, 8, 7), None, None, "ncc", RefineConfig(interpolant_gradient=True))
+    force, _ = level.similarity_gradient(residual)
+    grid = level.origin + residual
+    flat, _ = flat_levels(fixed, moving)
+
+    def ncc_sum(coords):
+        return float(local_ncc(fixed, sample(moving, coords), 2, flat=flat, eps=level.eps)) * fixed.numel()
+
+    h = 1e-6
+    for voxel in [(4, 3, 3), (1, 6, 2), (7, 0, 5)]:
+        for axis in range(3):
+            plus, minus = grid.clone(), grid.clone()
+            plus[(0, axis, *voxel)] += h
+            minus[(0, axis, *voxel)] -= h
+            expected = (ncc_sum(plus) - ncc_sum(minus)) / (2 * h)
+            assert abs(expected) > 1e-3
+            assert float(force[(0, axis, *voxel)]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pyramid_level_is_a_gaussian_then_linear_resampling_at_the_coarse_centres():
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    volume = torch.rand(1, 1, 32, 28, 24, generator=torch.Generator().manual_seed(3))
+    ours = pyramid_level(volume, (8, 7, 6), 4, 0.5)[0, 0].numpy()
+    smoothed = gaussian_filter(volume[0, 0].double().numpy(), sigma=2.0, truncate=3.0, mode="constant")
+    centres = np.meshgrid(*[4 * np.arange(n) + 1.5 for n in (8, 7, 6)], indexing="ij")  # coarse voxel j covers 4j..4j+3
+    theirs = map_coordinates(smoothed, centres, order=1)
+    np.testing.assert_allclose(ours[2:-2, 2:-2, 2:-2], theirs[2:-2, 2:-2, 2:-2], atol=1e-5)
+    torch.testing.assert_close(pyramid_level(volume, (8, 7, 6), 4, 0.0), F.avg_pool3d(volume, 4))
+
+
+GREEDY_STYLE = dict(ncc_signed=True, interpolant_gradient=True, pyramid_sigma=0.5, compose=True, scale_step=True,
+                    smooth_total=True)
+
+
+@pytest.mark.parametrize("metric, options", [("ncc", {}), ("ncc", GREEDY_STYLE), ("mind", {})])
+def test_recovers_a_known_smooth_displacement(metric, options):
     phi = random_deformation(SHAPE, (1.0, 1.0, 1.0), magnitude_mm=3.0, smoothness_mm=8.0, seed=1)
     pair = make_pair(_blobs(), deformation=phi, warped_role="fixed")
-    field = refine(pair.fixed, pair.moving, config=RefineConfig(levels=(2, 1), iterations=(30, 15)), metric=metric)
+    config = RefineConfig(levels=(2, 1), iterations=(30, 15), **options)
+    field = refine(pair.fixed, pair.moving, config=config, metric=metric)
     inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
     error = (field - phi)[inner].norm(dim=1).mean()
     before = phi[inner].norm(dim=1).mean()
