@@ -2,6 +2,7 @@
 
     python benchmarks/model_card.py brain [--model FILE] [--data ../shared/data] [--threads 2] [--write]
     python benchmarks/model_card.py lung  [--model FILE] [--data ../shared/data] [--threads 2] [--write]
+        [--cases lung_model.json ...]
 
 ``brain``: the real pair 0001<-0002 and the same pair with the moving contrast inverted
 (``where(m > 0, max(m[m > 0]) - m, 0)``, labels unchanged), each registration a whole
@@ -145,12 +146,15 @@ def brain_tables(results: dict) -> tuple[str, str]:
     return "\n".join(lines), "\n".join(per_label)
 
 
-def lung_table(model: Path, data: Path, threads: int, work: Path) -> str:
-    """``benchmarks/lung_model.py``'s mean table for ``model``."""
-    out = work / "lung.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "lung_model.py"), "--model", str(model), "--data", str(data),
-                    "--threads", str(threads), "--output", str(out)], check=True)
-    cases = json.loads(out.read_text())
+def lung_table(model: Path, data: Path, threads: int, work: Path, measured: list[Path] | None = None) -> str:
+    """``benchmarks/lung_model.py``'s mean table for ``model``; from its ``--output`` files ``measured`` when given."""
+    if measured:
+        cases = [case for path in measured for case in json.loads(path.read_text())]
+    else:
+        out = work / "lung.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "lung_model.py"), "--model", str(model), "--data",
+                        str(data), "--threads", str(threads), "--output", str(out)], check=True)
+        cases = json.loads(out.read_text())
     lines = ["| pairs | row | TRE mm | folded % | SDlogJ | s / pair |", "|---|---|---|---|---|---|"]
     for setting in dict.fromkeys(c["setting"] for c in cases):
         for row in dict.fromkeys(c["row"] for c in cases):
@@ -186,6 +190,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="model file (default: the shipped one)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", type=Path, nargs="+", help="lung: lung_model.py --output files of this model "
+                        "(rows measured in separate runs) instead of measuring again")
     parser.add_argument("--write", action="store_true", help="write src/rwcnet/weights/<card>.md from docs/model_cards/")
     args = parser.parse_args()
     model = args.model or REPO / "src" / "rwcnet" / "weights" / f"{args.card}.pt"
@@ -195,7 +201,10 @@ def main() -> None:
         if args.card == "brain":
             accuracy, per_label = brain_tables(brain_rows(model, args.data, args.threads, Path(tmp)))
         else:
-            accuracy, per_label = lung_table(model, args.data, args.threads, Path(tmp)), ""
+            accuracy, per_label = lung_table(model, args.data, args.threads, Path(tmp), args.cases), ""
+            if args.cases:
+                stamp = (f"Measured {datetime.date.today().isoformat()} with `python benchmarks/lung_model.py` (rows in "
+                         f"separate runs, collected with `model_card.py lung --cases`); see each row's seconds.")
     print(accuracy, per_label, sep="\n\n")
     if args.write:
         template = (REPO / "docs" / "model_cards" / f"{args.card}.md").read_text(encoding="utf-8")

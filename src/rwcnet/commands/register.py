@@ -106,8 +106,8 @@ def register(
     moving_mask: Optional[Path] = typer.Option(None, "--moving-mask", help="Mask on the moving grid."),
     model: str = typer.Option(
         "default", "--model",
-        help="default (the modality's model: brain for mr; for ct too, with a warning, until a lung model ships), "
-             "a shipped model name (brain), a model file, or 'none' for instance optimisation alone. "
+        help="default (the modality's model: brain for mr, lung for ct), "
+             "a shipped model name (brain, lung), a model file, or 'none' for instance optimisation alone. "
              "IO alone follows shifts up to about 6 mm and smooth deformations up to about 10 mm (known "
              "displacements, benchmarks/io_capture_range.py: residual 0.9-1.0 mm at a 6 mm shift, 2-4.5 mm at 10 mm, "
              "lost at 15 mm): use it alone for pairs already aligned to within a few mm, not for breathing motion.",

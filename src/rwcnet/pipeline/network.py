@@ -31,10 +31,10 @@ from rwcnet.runtime import release_freed_memory
 
 Tensor = torch.Tensor
 
-SHIPPED_MODELS = {"brain": "brain.pt"}
-#: The model ``model="default"`` means for each modality. CT keeps the MR-trained brain model (with a
-#: warning) until a lung model ships: IO alone cannot follow breathing motion (see the README).
-DEFAULT_MODELS = {"mr": "brain", "ct": "brain"}
+SHIPPED_MODELS = {"brain": "brain.pt", "lung": "lung.pt"}
+#: The model ``model="default"`` means for each modality: the MR-trained brain model for MR, the lung model
+#: (breathing motion of thorax CT, trained on one CT: see its card) for CT.
+DEFAULT_MODELS = {"mr": "brain", "ct": "lung"}
 
 
 def shipped_model_path(name: str) -> Path | None:
