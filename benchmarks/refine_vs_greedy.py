@@ -4,10 +4,10 @@ Methods, each in its own subprocess with the same thread count, in this order,
 on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 
 * ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.baselines.peers``), NCC 2x2x2, no affine;
-* ``default``: ``register()`` as shipped now (network, IO, then the refinement);
-* ``network+io``: ``register(refine=False)``, the default before the refinement;
+* ``default``: ``register()`` as shipped now (affine, network, IO, the refinement, then the fold repair);
+* ``network+io``: ``register(refine=False, repair_folds=False)``, the default before the refinement;
 * ``network+refine``: ``register(io=False, refine=True)``;
-* ``io``: ``register(model=None, refine=False)``, instance optimisation alone;
+* ``io``: ``register(model=None, refine=False, repair_folds=False)``, instance optimisation alone;
 * ``convexadam``: ``register(method="convexadam")``.
 
 Scores with rwcnet's official metrics (:func:`rwcnet.evaluation.metrics.score_case`): Dice and HD95 (voxels)
@@ -37,9 +37,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {
     "default": {},
-    "network+io": dict(refine=False),
+    "network+io": dict(refine=False, repair_folds=False),
     "network+refine": dict(io=False, refine=True),
-    "io": dict(model=None, refine=False),
+    "io": dict(model=None, refine=False, repair_folds=False),
     "convexadam": dict(method="convexadam"),
 }
 METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "network+io", "io", "convexadam")

@@ -78,6 +78,7 @@ def register(
     affine_metric: str = "mind",
     init: str | Path | np.ndarray | None = None,
     affine_only: bool = False,
+    repair_folds: bool = True,
     on_stage: StageCallback | None = None,
     on_step: StepCallback | None = None,
 ) -> RegistrationResult:
@@ -97,6 +98,8 @@ def register(
     ``affine``, ``affine_metric`` ``mind``/``ncc``/``mi``, starting from ``init`` (an ITK/ANTs transform file
     or a 4x4 fixed->moving RAS matrix; else the centres of mass). With ``affine=False`` an ``init`` is applied
     as it is. ``affine_only`` stops after it. The field holds the whole transform, affine included.
+    ``repair_folds`` (on by default, last in the ``rwcnet`` chain) smooths the field locally wherever it
+    folds (:func:`rwcnet.geometry.repair_folds`); a note reports how many voxels it changed.
     """
     names = ("affine",) if affine_only else chain_names(method)
     if affine_only and not affine and init is None:
@@ -104,7 +107,8 @@ def register(
     settings = Settings.checked(model=model, io=io, io_iterations=io_iterations, modality=modality, ct_range=ct_range,
                                 refine=refine, refine_metric=refine_metric, refine_iterations=refine_iterations,
                                 device=pick_device(device), affine=affine, linear_transform=transform,
-                                affine_metric=affine_metric, init_matrix=initial_matrix(init), seed=seed)
+                                affine_metric=affine_metric, init_matrix=initial_matrix(init), seed=seed,
+                                repair_folds=repair_folds)
     torch.manual_seed(seed)
     record = Instrumentation(on_stage, on_step, settings.device)
     start = time.perf_counter()

@@ -72,3 +72,33 @@ def test_an_unknown_method_is_an_input_error_naming_the_choices():
     image = Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(InputError, match="rwcnet, convexadam"):
         register(image, image, method="nonsense", device="cpu")
+
+
+class FoldingField(Method):
+    """A toy method returning a hand-made field that folds around one point (det = 1 - 2.5 there)."""
+
+    stage, key = "toy fold", "toy_fold"
+
+    def run(self, pair, init, record):
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in pair.shape], indexing="ij"))
+        offset = grid - torch.tensor([16.0, 12.0, 14.0]).view(3, 1, 1, 1)
+        field = torch.zeros(1, 3, *pair.shape)
+        field[0, 0] = -2.5 * offset[0] * torch.exp(-offset.square().sum(0) / 18.0)
+        return field
+
+
+@pytest.mark.parametrize("repair", [True, False])
+def test_the_fold_repair_step_ends_a_chain_and_can_be_switched_off(monkeypatch, repair):
+    from rwcnet.evaluation.metrics import folding_fraction, jacobian_det
+
+    monkeypatch.setattr(pipeline.method, "METHODS", dict(pipeline.METHODS))
+    register_method("toy_fold")(lambda settings, record: FoldingField())
+    volume = Image(smooth_volume((32, 32, 32), 0), np.eye(4))
+    result = register(volume, volume, method=("toy_fold", "fold_repair"), device="cpu", repair_folds=repair)
+    folds = folding_fraction(jacobian_det(result.field))
+    if repair:
+        assert folds == 0 and "fold_repair" in result.seconds
+        assert any(note.startswith("fold repair: ") and note.endswith("; 0 left") for note in result.notes)
+    else:
+        assert folds > 0 and "fold_repair" not in result.seconds
+    assert "fold_repair" in pipeline.CHAINS["rwcnet"][-1:]

@@ -117,6 +117,8 @@ def register(
     refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network and IO."),
     refine_metric: str = typer.Option("auto", "--refine-metric", help="auto (NCC for CT or same-contrast pairs, else MIND), ncc or mind."),
     refine_iters: Optional[str] = typer.Option(None, "--refine-iters", help="Refinement iterations per level, coarse to fine, e.g. 100x50x20."),
+    repair_folds: bool = typer.Option(True, "--repair-folds/--no-repair-folds", help="Last step: smooth the field "
+                                      "locally wherever it folds (Jacobian determinant <= 0.01), nowhere else."),
     affine: bool = typer.Option(True, "--affine/--no-affine", help="Rigid then affine pre-alignment before the "
                                 "deformable steps (Learn2Reg pairs come pre-aligned: --no-affine)."),
     transform: str = typer.Option("affine", "--transform", help="Last linear stage of the pre-alignment: rigid or affine."),
@@ -172,7 +174,7 @@ def register(
         model=None if model.lower() == "none" else model, io=io, io_iterations=io_iters, modality=modality,
         ct_range=ct_range, device=device, seed=seed, refine=refine, refine_metric=refine_metric,
         refine_iterations=_iterations(refine_iters), affine=affine, transform=transform, affine_only=affine_only,
-        affine_metric=affine_metric, init=init,
+        affine_metric=affine_metric, init=init, repair_folds=repair_folds,
     )
     single_pair_outputs = {"--affine-out": affine_out, "--jacobian": jacobian, "--inverse": inverse,
                            "--itk-inverse": itk_inverse, "--report": report}

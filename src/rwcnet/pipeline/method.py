@@ -39,6 +39,7 @@ class Settings:
     affine_metric: str = "mind"
     init_matrix: np.ndarray | None = None  # 4x4 fixed->moving RAS mm to start from (or apply, without the search)
     seed: int = 0
+    repair_folds: bool = True  # smooth the field locally where it folds (rwcnet.geometry.folds), last in the chain
 
     @property
     def preset(self) -> str:
@@ -87,7 +88,7 @@ Builder = Callable[[Settings, Instrumentation], "Method | None"]
 METHODS: dict[str, Builder] = {}
 #: Named chains: what ``register(method=NAME)`` runs, in order.
 CHAINS: dict[str, tuple[str, ...]] = {
-    "rwcnet": ("affine", "network", "instance_optimisation", "refinement"),
+    "rwcnet": ("affine", "network", "instance_optimisation", "refinement", "fold_repair"),
     "convexadam": ("convexadam",),
 }
 

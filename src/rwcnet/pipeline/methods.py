@@ -1,4 +1,4 @@
-"""The built-in methods after the network: instance optimisation, refinement and the ConvexAdam baseline."""
+"""The built-in methods after the network: instance optimisation, refinement, fold repair and the ConvexAdam baseline."""
 
 from __future__ import annotations
 
@@ -50,6 +50,26 @@ class Refinement(Method):
                       moving_mask=pair.moving_mask_tensor, progress=record.step)
 
 
+class FoldRepair(Method):
+    """The field smoothed locally where ``x + u(x)`` folds (:func:`rwcnet.geometry.repair_folds`); a note says how much."""
+
+    stage, key = "fold repair", "fold_repair"
+
+    def run(self, pair: PreparedPair, init: Tensor | None, record: Instrumentation) -> Tensor | None:
+        if init is None:
+            return None
+        field, report = geometry.repair_folds(init)
+        share = 100.0 / init[0, 0].numel()
+        if report.folded_before:
+            record.notes.append(
+                f"fold repair: {report.folded_before} voxels ({report.folded_before * share:.3f} %) with a Jacobian "
+                f"determinant <= {geometry.FOLD_THRESHOLD} smoothed locally in {report.passes} passes; {report.folded_after} left")
+        if report.folded_after:
+            record.warnings.append(f"fold repair left {report.folded_after} voxels ({report.folded_after * share:.3f} %) "
+                                   f"with a Jacobian determinant <= {geometry.FOLD_THRESHOLD}")
+        return field
+
+
 class ConvexAdam(Method):
     """The in-package ConvexAdam baseline (:mod:`rwcnet.baselines.convexadam`); it announces its own stages.
 
@@ -81,6 +101,11 @@ def build_instance_optimisation(settings: Settings, record: Instrumentation) -> 
 @register_method("refinement")
 def build_refinement(settings: Settings, record: Instrumentation) -> Refinement | None:
     return Refinement(settings) if settings.refine else None
+
+
+@register_method("fold_repair")
+def build_fold_repair(settings: Settings, record: Instrumentation) -> FoldRepair | None:
+    return FoldRepair() if settings.repair_folds else None
 
 
 @register_method("convexadam")
