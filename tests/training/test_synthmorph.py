@@ -261,3 +261,34 @@ def test_training_logs_label_validation_and_resumes_exactly(tmp_path, labels_fol
     assert validation and all({"label_dice", "label_dice_before", "epe"} <= set(r) for r in validation)
     assert [(r["phase"], r["step"]) for r in validation] == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 2)]
     assert any("label_dice" in r for r in records if r["kind"] == "train")
+
+
+def test_stacked_label_pairs_give_the_mean_loss_and_gradient_of_the_single_ones(tmp_path, labels_folder):
+    from rwcnet.model.files import build_model
+    from rwcnet.training.steps import batch_label_pairs, sample_loss
+
+    config = _config(_dataset(tmp_path / "data"), labels_folder, tmp_path / "cache")
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
+    data = TrainingData(config, alignment=8)
+    phase = config.phases[0]
+    samples = [data.sample(0, phase, 4, index) for index in range(12)]
+    label_pairs = [s for s in samples if s.fixed_onehot is not None][:3]
+    image_pair = next(s for s in samples if s.fixed_onehot is None)
+    batches = batch_label_pairs([label_pairs[0], image_pair, *label_pairs[1:]])
+    assert [count for _, count in batches] == [1, 3] and batches[0][0] is image_pair
+    stacked = batches[1][0]
+    assert stacked.fixed.shape[0] == 3 and stacked.fixed_onehot.shape[0] == 3
+
+    torch.manual_seed(0)
+    net = build_model(config.network())
+
+    def loss_and_gradient(items):
+        net.zero_grad()
+        total = sum(sample_loss(net, config, phase, item, torch.device("cpu"))[0] * weight for item, weight in items)
+        total.backward()
+        return float(total.detach()), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+    single_loss, single_grad = loss_and_gradient([(s, 1 / 3) for s in label_pairs])
+    batch_loss, batch_grad = loss_and_gradient([(stacked, 1.0)])
+    assert batch_loss == pytest.approx(single_loss, rel=1e-5)
+    assert torch.allclose(batch_grad, single_grad, rtol=1e-4, atol=1e-6)

@@ -28,7 +28,9 @@ its share of every global batch (distinct sample indices); only rank 0
 writes logs, checkpoints and models. Every sample runs as its own forward
 and backward pass (gradients accumulated, ``no_sync`` until the last), so a
 batch of B on one process and B/N per process on N processes compute the same
-mean gradient up to the order of floating-point additions.
+mean gradient up to the order of floating-point additions. The exception:
+label-map pairs of one shape in a process's share run as one stacked batch
+(:func:`rwcnet.training.steps.batch_label_pairs`), with one dropout seed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from rwcnet.training.data import TrainingData, iterate_steps
 from rwcnet.training.log import Progress, TrainLog
 from rwcnet.training.runtime import Distributed, Signals, TrainingInterrupted, init_distributed, load_checkpoint, \
     rng_state, save_checkpoint, set_rng_state
-from rwcnet.training.steps import report, sample_loss, validate, validate_labels
+from rwcnet.training.steps import batch_label_pairs, report, sample_loss, validate, validate_labels
 
 __all__ = ["TrainingInterrupted", "train"]
 
@@ -196,14 +198,15 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
                         status = "stopped"
                         break
                     sums: dict[str, tuple[float, int]] = {}
-                    for j, sample in enumerate(samples):
-                        sync = j == len(samples) - 1 or env.world == 1
+                    batches = batch_label_pairs(samples)
+                    for j, (sample, count) in enumerate(batches):
+                        sync = j == len(batches) - 1 or env.world == 1
                         with (contextlib.nullcontext() if sync else net.no_sync()):
                             loss, terms = sample_loss(net, config, phase, sample, device)
-                            (loss / len(samples)).backward()
+                            (loss * count / len(samples)).backward()
                         for name, value in terms.items():
-                            total, count = sums.get(name, (0.0, 0))
-                            sums[name] = (total + value, count + 1)
+                            total, seen = sums.get(name, (0.0, 0))
+                            sums[name] = (total + value * count, seen + count)
                     if phase.grad_clip is not None:
                         grad_norm = torch.nn.utils.clip_grad_norm_(
                             [p for group in optimiser.param_groups for p in group["params"]], phase.grad_clip)

@@ -33,6 +33,36 @@ def endpoint_error(field: torch.Tensor, truth: torch.Tensor, spacing, mask: torc
     return (error * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def batch_label_pairs(samples: list[Sample]) -> list[tuple[Sample, int]]:
+    """The step's samples with its label-map pairs of one shape stacked into one batch: ``(sample, count)`` each.
+
+    A label pair's loss is already a mean over the batch (soft Dice per sample, then averaged; the
+    smoothness term over equal-sized fields), so one forward pass of the stack gives the mean of the
+    single losses (dropout aside: the stack uses its first sample's seed), and at batch 1 the
+    convolutions of a 24³ grid reach PyTorch's fast CPU kernels (``docs/training.md``). Other
+    samples, and label pairs of another shape, stay as they are, each with count 1.
+    """
+    groups: dict[tuple, list[Sample]] = {}
+    result: list[tuple[Sample, int]] = []
+    for sample in samples:
+        if sample.fixed_onehot is None or sample.region is not None:
+            result.append((sample, 1))
+            continue
+        shape = (tuple(sample.fixed.shape), tuple(sample.fixed_onehot.shape), sample.label_factor, sample.spacing)
+        groups.setdefault(shape, []).append(sample)
+    for group in groups.values():
+        if len(group) == 1:
+            result.append((group[0], 1))
+            continue
+        first = group[0]
+        stacked = Sample(key="+".join(s.key for s in group), spacing=first.spacing, seed=first.seed,
+                         fixed=torch.cat([s.fixed for s in group]), moving=torch.cat([s.moving for s in group]),
+                         fixed_onehot=torch.cat([s.fixed_onehot for s in group]),
+                         moving_onehot=torch.cat([s.moving_onehot for s in group]), label_factor=first.label_factor)
+        result.append((stacked, len(group)))
+    return result
+
+
 def sample_loss(net: torch.nn.Module, config: TrainingConfig, phase: PhaseConfig, sample: Sample,
                 device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one sample for a phase: ``total_loss`` of the trained stage's fields (+ supervised endpoint error)."""
