@@ -116,10 +116,8 @@ def _fixed_points(level: _Level, points: int, generator: torch.Generator) -> tup
 def _loss(metric: str, fixed: Tensor, moving: Tensor, weight: Tensor | None) -> Tensor:
     """The dissimilarity of sampled features ``(N, C)``, weighted by ``(N,)`` (None: all 1): lower is better."""
     if weight is None:
-        weight = fixed.new_ones(())
-        total = fixed.new_tensor(float(fixed.shape[0]))
-    else:
-        total = weight.sum().clamp_min(1e-6)
+        weight = fixed.new_ones(fixed.shape[0])
+    total = weight.sum().clamp_min(1e-6)
     if metric == "mind":
         return (weight * (fixed - moving).square().mean(dim=1)).sum() / total
     f, m = fixed[:, 0], moving[:, 0]
@@ -132,7 +130,7 @@ def _loss(metric: str, fixed: Tensor, moving: Tensor, weight: Tensor | None) -> 
     width = 1.0 / (_BINS - 1)
     wf = torch.softmax(-((f[:, None] - centres) / width).square() / 2, dim=1)
     wm = torch.softmax(-((m[:, None] - centres) / width).square() / 2, dim=1)
-    joint = (wf * (weight[:, None] if weight.dim() else weight)).T @ wm / total
+    joint = (wf * weight[:, None]).T @ wm / total
     marginal_f, marginal_m = joint.sum(dim=1, keepdim=True), joint.sum(dim=0, keepdim=True)
     return -(joint * (torch.log(joint + 1e-10) - torch.log(marginal_f @ marginal_m + 1e-10))).sum()
 
@@ -168,9 +166,6 @@ class _Correction(torch.nn.Module):
     def linear(self) -> Tensor:
         rotation = _rotation(self.rotation / self.radius)
         return rotation @ (torch.eye(3, dtype=torch.float64) + self.shear / self.radius)
-
-    def forward(self, points: Tensor) -> Tensor:
-        return (points - self.centre) @ self.linear().T + self.centre + self.translation
 
     def voxel_map(self, to_voxels: Tensor) -> tuple[Tensor, Tensor]:
         """``(A, b)`` float32 with ``to_voxels @ S p = A (p - c) + b``: a point's offset from the centre -> voxels."""
