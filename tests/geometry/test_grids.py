@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
@@ -267,3 +268,40 @@ def test_register_warped_equals_apply_on_the_original_moving_image(pair, tmp_pat
     intensity_range = float(moving.max() - moving.min())
     difference = np.abs(nib.load(str(warped)).get_fdata() - nib.load(str(applied)).get_fdata()).max()
     assert difference <= 1e-4 * intensity_range
+
+
+def test_coarse_voxel_map_agrees_with_area_averaged_grids():
+    """A ramp that is linear in moving voxels stays linear under area averaging (cell centres), so sampling the coarse
+    moving image through the coarse map must give the fine ramp at the fine position of each coarse fixed voxel."""
+    from rwcnet.geometry import resize_volume
+    from rwcnet.geometry.grids import coarse_voxel_map, voxel_map
+
+    fixed_affine = np.diag([1.2, 1.0, 0.8, 1.0])
+    moving_affine = np.array([[0.0, 1.5, 0.0, 3.0], [1.1, 0.0, 0.0, -2.0], [0.0, 0.0, 1.3, 1.0], [0, 0, 0, 1.0]])
+    mapping = voxel_map(fixed_affine, moving_affine, np.array([[1, 0.1, 0, 2], [0, 1, 0, -1], [0, 0, 0.9, 0.5], [0, 0, 0, 1.0]]))
+    fixed_shape, fixed_coarse, moving_shape, moving_coarse = (24, 20, 16), (6, 5, 4), (32, 28, 24), (8, 7, 6)
+    weights = np.array([0.3, -0.2, 0.5])
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in moving_shape], indexing="ij"))
+    ramp = torch.from_numpy(np.tensordot(weights, grid, axes=1))[None, None]
+    coarse_ramp = resize_volume(ramp, moving_coarse)[0, 0].numpy()
+    coarse = coarse_voxel_map(mapping, fixed_shape, fixed_coarse, moving_shape, moving_coarse)
+    scale = np.array(fixed_shape) / np.array(fixed_coarse)
+    for index in [(0, 0, 0), (5, 4, 3), (2, 3, 1), (4, 0, 2)]:
+        fine_point = mapping[:, :3] @ (scale * (np.array(index) + 0.5) - 0.5) + mapping[:, 3]
+        coarse_point = coarse[:, :3] @ np.array(index, dtype=np.float64) + coarse[:, 3]
+        # the coarse ramp is linear too; evaluate it at the coarse point from its own samples
+        slope = np.array([coarse_ramp[1, 0, 0] - coarse_ramp[0, 0, 0], coarse_ramp[0, 1, 0] - coarse_ramp[0, 0, 0],
+                          coarse_ramp[0, 0, 1] - coarse_ramp[0, 0, 0]])
+        assert coarse_ramp[0, 0, 0] + slope @ coarse_point == pytest.approx(weights @ fine_point, abs=1e-9)
+
+
+def test_voxel_map_is_the_fixed_to_moving_voxel_transform():
+    from rwcnet.geometry.grids import voxel_map
+
+    fixed_affine, moving_affine = np.diag([2.0, 1.0, 1.0, 1.0]), np.diag([1.0, 1.0, 0.5, 1.0])
+    moving_affine[:3, 3] = [1.0, 0.0, 0.0]
+    shift = np.eye(4)
+    shift[:3, 3] = [0.0, 2.0, 0.0]
+    point = np.array([3.0, 4.0, 5.0, 1.0])
+    expected = np.linalg.solve(moving_affine, shift @ fixed_affine @ point)[:3]
+    np.testing.assert_allclose(voxel_map(fixed_affine, moving_affine, shift) @ point, expected)

@@ -160,3 +160,23 @@ def working_grid(fixed: Image, spacing: float | list[float], orientation: str) -
     affine[:3, :3] = direction * spacing
     affine[:3, 3] = direction @ low
     return affine, shape  # type: ignore[return-value]
+
+
+def voxel_map(fixed_affine: np.ndarray, moving_affine: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
+    """``(3, 4)`` float64: fixed voxel ``x`` -> moving voxel ``A_mov^-1 T A_fix x`` (``T``: fixed->moving RAS mm, identity if None)."""
+    transform = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    return (np.linalg.inv(np.asarray(moving_affine, np.float64)) @ transform @ np.asarray(fixed_affine, np.float64))[:3]
+
+
+def coarse_voxel_map(mapping: np.ndarray, fixed_shape, fixed_coarse, moving_shape, moving_coarse) -> np.ndarray:
+    """A voxel map between two grids (``(3, 4)``, :func:`voxel_map`) re-expressed between coarser grids of the same extents.
+
+    Grids are cell-centred as :func:`rwcnet.geometry.resize_volume` makes them: coarse voxel ``i`` of an
+    axis shrunk by ``s = fine size / coarse size`` is fine voxel ``s (i + ½) − ½``.
+    """
+    scale_fixed = np.asarray(fixed_shape, np.float64) / np.asarray(fixed_coarse, np.float64)
+    scale_moving = np.asarray(moving_shape, np.float64) / np.asarray(moving_coarse, np.float64)
+    linear, shift = np.asarray(mapping, np.float64)[:, :3], np.asarray(mapping, np.float64)[:, 3]
+    coarse_linear = linear * scale_fixed[None, :] / scale_moving[:, None]
+    coarse_shift = (linear @ ((scale_fixed - 1) / 2) + shift - (scale_moving - 1) / 2) / scale_moving
+    return np.concatenate([coarse_linear, coarse_shift[:, None]], axis=1)

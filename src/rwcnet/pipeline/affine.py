@@ -39,13 +39,9 @@ class AffinePrealignment(Method):
             matrix = self.init
             record.notes.append("initial transform applied as it is (no affine search)")
         else:
-            if pair.original_moving_mask is None and pair.moving_mask is not None:  # a mask computed on the fixed grid
-                moving, moving_mask = pair.moving, pair.moving_mask
-            else:
-                moving, moving_mask = pair.original_moving, pair.original_moving_mask
-            found = register_affine(pair.fixed, moving, transform=self.transform, metric=self.metric,
+            found = register_affine(pair.fixed, pair.original_moving, transform=self.transform, metric=self.metric,
                                     init="com" if self.init is None else self.init, fixed_mask=pair.fixed_mask,
-                                    moving_mask=moving_mask, seed=self.seed)
+                                    moving_mask=pair.original_moving_mask, seed=self.seed)
             matrix = found.matrix
             start = "the given transform" if self.init is not None else "the centres of mass"
             scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)

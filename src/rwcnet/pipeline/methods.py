@@ -46,8 +46,9 @@ class Refinement(Method):
                                      self.config.contrast_threshold)
         del warped_now
         record.notes.append(note)
-        return refine(fixed, moving, field, config=self.config, metric=metric, fixed_mask=pair.fixed_mask_tensor,
-                      moving_mask=pair.moving_mask_tensor, progress=record.step)
+        source, source_mask, to_source = pair.moving_source()
+        return refine(fixed, source, field, config=self.config, metric=metric, fixed_mask=pair.fixed_mask_tensor,
+                      moving_mask=source_mask, moving_map=to_source, progress=record.step)
 
 
 class FoldRepair(Method):

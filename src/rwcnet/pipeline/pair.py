@@ -19,7 +19,7 @@ import torch
 
 from rwcnet import geometry
 from rwcnet.errors import InputError
-from rwcnet.geometry.grids import Grid, grid_difference
+from rwcnet.geometry.grids import Grid, grid_difference, voxel_map
 from rwcnet.geometry.resample import resample_image, same_grid
 from rwcnet.data.formats import Image, read_image
 from rwcnet.pipeline.instrument import Instrumentation
@@ -87,6 +87,21 @@ class PreparedPair:
             warped_mask = None if mask is None else geometry.warp(mask, init, mode="nearest")
             return geometry.warp(self.moving_tensor, init), warped_mask
 
+    def moving_source(self) -> tuple[Tensor, Tensor | None, np.ndarray | None]:
+        """The normalised moving image and mask ``(1, 1, ...)`` on the grid they were given on, and the ``(3, 4)`` map
+        from fixed-grid voxels to their voxels, pre-alignment included (:func:`rwcnet.geometry.grids.voxel_map`).
+
+        The map is ``None`` when that grid is the fixed grid and nothing pre-aligned the pair: the tensors are then
+        :attr:`moving_tensor` and :attr:`moving_mask_tensor`. A method that samples the moving image at full
+        resolution uses this to interpolate it once, not a copy already resampled onto the fixed grid.
+        """
+        if self.affine is None and self.moving is self.original_moving:
+            return self.moving_tensor, self.moving_mask_tensor, None
+        mask = self.original_moving_mask
+        return (volume_tensor(self.intensities(self.original_moving.array), self.device),
+                None if mask is None else volume_tensor(mask.array > 0, self.device),
+                voxel_map(self.fixed.affine, self.original_moving.affine, self.affine))
+
     def raw_moving_through(self, init: Tensor | None) -> Image:
         """The raw (not normalised) moving image on the fixed grid, sampled once through ``init`` when given."""
         if init is None:
@@ -99,18 +114,12 @@ class PreparedPair:
         """Re-base the pair on an affine ``T`` (fixed RAS mm -> moving RAS mm): the moving image becomes the original
         sampled once at ``T p`` on the fixed grid (its mask too), and later methods' fields are relative to it;
         :func:`rwcnet.register.register` composes ``T`` back into the final field."""
-        from rwcnet.affine.transforms import affine_field, resample_moving
+        from rwcnet.affine.transforms import resample_moving
 
         self.affine = np.asarray(matrix, dtype=np.float64)
         self.moving = resample_moving(self.original_moving, self.affine, self.fixed, order=1)
         if self.original_moving_mask is not None:
             self.moving_mask = resample_moving(self.original_moving_mask, self.affine, self.fixed, order=0)
-        elif self.moving_mask is not None:  # computed on the fixed grid (CT lung mask): carried through T
-            step = torch.from_numpy(np.moveaxis(affine_field(self.affine, self.fixed), -1, 0))[None]
-            mask = volume_tensor(self.moving_mask.array > 0, torch.device("cpu"))
-            with torch.no_grad():
-                moved = geometry.warp(mask, step, mode="nearest")[0, 0].numpy()
-            self.moving_mask = Image(moved.astype(np.uint8), self.fixed.affine)
         self.release()
 
     def release(self) -> None:
@@ -150,17 +159,17 @@ def prepare_pair(
         _check_mask(as_image(m, what) if m is not None else None, image, what)
         for m, image, what in ((fixed_mask, fixed_img, "fixed mask"), (moving_mask, moving_img, "moving mask"))
     ]
-    original_moving, original_moving_mask = moving_img, masks[1]
-    if grid_difference(moving_img, Grid.of(fixed_img, "the fixed image")) is not None:
-        record.notes.append(f"moving image resampled onto the fixed grid in physical space ({moving_img.shape} -> {fixed_img.shape})")
-        moving_img = resample_image(moving_img, fixed_img, order=1)
-        if masks[1] is not None:
-            masks[1] = resample_image(masks[1], fixed_img, order=0)
     if modality == "ct" and masks[0] is None and masks[1] is None:
         from rwcnet.masks import lung_mask
 
         record.stage("lung masks")
         masks = [Image(lung_mask(img.array, img.spacing).astype(np.uint8), img.affine) for img in (fixed_img, moving_img)]
         record.notes.append("CT without masks: lung masks computed for instance optimisation")
+    original_moving, original_moving_mask = moving_img, masks[1]
+    if grid_difference(moving_img, Grid.of(fixed_img, "the fixed image")) is not None:
+        record.notes.append(f"moving image resampled onto the fixed grid in physical space ({moving_img.shape} -> {fixed_img.shape})")
+        moving_img = resample_image(moving_img, fixed_img, order=1)
+        if masks[1] is not None:
+            masks[1] = resample_image(masks[1], fixed_img, order=0)
     return PreparedPair(fixed_img, moving_img, original_moving, masks[0], masks[1], modality, device, intensities,
                         original_moving_mask)
