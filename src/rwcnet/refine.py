@@ -77,6 +77,8 @@ class RefineConfig(BaseModel):
     mind_radius: int = Field(1, ge=0, description="MIND-SSC patch radius")
     mind_dilation: int = Field(2, ge=1, description="MIND-SSC neighbour distance")
     contrast_threshold: float = Field(0.3, description="auto metric: NCC when the foreground correlation reaches this")
+    mask_margin: int = Field(0, ge=0, description="widen both masks by this many voxels (a cube) first, so that windows "
+                                                 "and points just outside a mask, at the organ's edge, still count")
 
 
 #: Presets by modality, like the instance-optimisation presets. brain: greedy's smoothing (σ 1.732 and
@@ -87,10 +89,12 @@ class RefineConfig(BaseModel):
 #: unsigned ncc² and central differences, no folds, SDlogJ 0.080; from a zero field with greedy's whole
 #: scheme at 100/50/20: 0.7393 against 0.7290, greedy 0.741). After network and IO (the default), one run:
 #: Dice 0.7494 against greedy's 0.7428, SDlogJ 0.0835, folds 0.082 % (IO's; docs/results.md).
-#: lung: greedy's defaults with additive updates and the unsigned ncc² (not tuned yet).
+#: lung: greedy's defaults with additive updates and the unsigned ncc², masks widened by 5 voxels (on breathing
+#: pairs from a zero field, TRE 0.246 mm against 0.285 with the masks as given and 0.235 without masks: the
+#: lung's edge, pleura and diaphragm, carries the motion).
 REFINE_PRESETS: Presets[RefineConfig] = Presets("refinement", {
     "brain": RefineConfig(compose=True, iterations=(50, 25, 10), ncc_signed=True, interpolant_gradient=True),
-    "lung": RefineConfig(),
+    "lung": RefineConfig(mask_margin=5),
 })
 
 
@@ -108,11 +112,13 @@ def flat_levels(fixed: Tensor, moving: Tensor, weight: Tensor | None = None) -> 
     With ``weight`` (the fixed mask), the variances are taken where it is positive (the moving
     image's too when it lies on the same grid).
     """
+    whole_fixed, whole_moving = float(fixed.var()), float(moving.var())
     if weight is not None and bool((weight > 0).any()):
         inside = weight > 0
         fixed = fixed[inside]
         moving = moving[inside] if moving.shape == inside.shape else moving
-    return FLAT * float(fixed.var()) + 1e-30, FLAT**2 * float(moving.var()) + 1e-30
+    # a flat masked region falls back to the whole image's variance (else every window would count and divide by ~0)
+    return FLAT * (float(fixed.var()) or whole_fixed) + 1e-30, FLAT**2 * (float(moving.var()) or whole_moving) + 1e-30
 
 
 def local_ncc(fixed: Tensor, warped: Tensor, radius: int = 2, *, weight: Tensor | None = None,
@@ -306,6 +312,19 @@ def pyramid_level(volume: Tensor, shape: Sequence[int], factor: int, sigma: floa
     return F.interpolate(smoothed, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
+def widen_mask(mask: Tensor, margin: int) -> Tensor:
+    """``(1, 1, X, Y, Z)`` mask (nonzero inside) widened by ``margin`` voxels along each axis (a cube), as 0/1 floats."""
+    inside = (mask > 0).float()
+    if margin <= 0:
+        return inside
+    width = 2 * margin + 1
+    for axis in range(3):  # a cube is separable: one 1-D maximum per axis
+        kernel, padding = [1, 1, 1], [0, 0, 0]
+        kernel[axis], padding[axis] = width, margin
+        inside = F.max_pool3d(inside, tuple(kernel), stride=1, padding=tuple(padding))
+    return inside
+
+
 def choose_metric(requested: str, modality: str, fixed: Tensor, warped: Tensor, mask: Tensor | None,
                   threshold: float) -> tuple[str, str]:
     """``ncc`` or ``mind`` for ``requested`` (``auto``, ``ncc``, ``mind``); returns it and a note saying why."""
@@ -353,6 +372,7 @@ def refine(
     total, done = sum(config.iterations), 0
     residual = None
     moving_shape = tuple(moving.shape[2:])
+    fixed_mask, moving_mask = (None if mask is None else widen_mask(mask, config.mask_margin) for mask in (fixed_mask, moving_mask))
     for factor, iterations in zip(config.levels, config.iterations):
         level_shape = tuple(max(1, round(n / factor)) for n in shape)
         moving_level = tuple(max(1, round(n / factor)) for n in moving_shape)
