@@ -215,12 +215,10 @@ class _Level:
         """Working-grid voxel points ``(1, 3, X, Y, Z)`` as voxels of the moving image's own grid (``out`` when given)."""
         if self.to_moving is None:
             return coords
-        linear, shift = self.to_moving[:, :3], self.to_moving[:, 3:]
-        if out is None:
-            return (linear @ coords.reshape(3, -1) + shift).view_as(coords)
-        flat = out.view(3, -1)
-        torch.matmul(linear, coords.reshape(3, -1), out=flat)
-        flat.add_(shift)
+        linear, shift, flat = self.to_moving[:, :3], self.to_moving[:, 3:], coords.reshape(3, -1)
+        if out is None:  # differentiable (the interpolant gradient)
+            return torch.addmm(shift, linear, flat).view_as(coords)
+        torch.addmm(shift, linear, flat, out=out.view(3, -1))
         return out
 
     def _interpolant_ncc_gradient(self) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from rwcnet.errors import InputError
+from rwcnet.geometry.grids import voxel_map
 from rwcnet.geometry.resample import resample_image
 from rwcnet.data.formats import Image, _sitk_message
 from rwcnet.outputs import atomic_output
@@ -74,10 +75,10 @@ def affine_field(matrix: np.ndarray, fixed: Image, moving_affine: np.ndarray | N
     image on its own grid, ``u(x) = A_mov^-1 T A_fix x - x``.
     """
     target = fixed.affine if moving_affine is None else np.asarray(moving_affine, dtype=np.float64)
-    voxel_map = np.linalg.inv(target) @ np.asarray(matrix, dtype=np.float64) @ fixed.affine
+    mapping = voxel_map(fixed.affine, target, matrix)
     axes = [np.arange(n, dtype=np.float64) for n in fixed.shape]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    return (grid @ (voxel_map[:3, :3] - np.eye(3)).T + voxel_map[:3, 3]).astype(np.float32)
+    return (grid @ (mapping[:, :3] - np.eye(3)).T + mapping[:, 3]).astype(np.float32)
 
 
 def resample_moving(moving: Image, matrix: np.ndarray, reference: Image, order: int = 1) -> Image:
