@@ -63,7 +63,7 @@ def register(
     fixed_mask: Image | str | Path | None = None,
     moving_mask: Image | str | Path | None = None,
     model: str | Path | None = "default",
-    io: bool = True,
+    io: bool | None = None,
     io_iterations: int | None = None,
     modality: str = "mr",
     ct_range: str = "window",
@@ -85,8 +85,10 @@ def register(
     """Register ``moving`` to ``fixed``; returns the Learn2Reg field on the fixed grid and the warped image.
 
     ``method`` is a chain (``rwcnet``: network, instance optimisation, refinement; ``convexadam``:
-    the in-package baseline, ``io`` toggling its Adam stage), a registered method's name, or a
-    sequence of them (:mod:`rwcnet.pipeline`). ``model`` is ``"default"`` (the modality's model), a
+    the in-package baseline, ``io=False`` switching its Adam stage off), a registered method's name, or a
+    sequence of them (:mod:`rwcnet.pipeline`). ``io`` runs instance optimisation in the ``rwcnet`` chain;
+    ``None`` (default) is the modality's choice: on for ``mr``, off for ``ct`` (on breathing pairs IO's field
+    is a worse start for the refinement than the network's, docs/results.md). ``model`` is ``"default"`` (the modality's model), a
     shipped name (``"brain"``), a model file (RWCNet or LapIRN), or ``None`` for no network (also, with a
     note, when the shipped weights are absent); one trained on another modality runs with a warning.
     ``modality`` (``mr``/``ct``) picks the intensity normalisation (unless the model file records

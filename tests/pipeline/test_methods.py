@@ -102,3 +102,18 @@ def test_the_fold_repair_step_ends_a_chain_and_can_be_switched_off(monkeypatch, 
     else:
         assert folds > 0 and "fold_repair" not in result.seconds
     assert "fold_repair" in pipeline.CHAINS["rwcnet"][-1:]
+
+
+@pytest.mark.parametrize("modality, io, runs_io", [("mr", None, True), ("ct", None, False), ("ct", True, True),
+                                                   ("mr", False, False)])
+def test_instance_optimisation_is_the_modality_choice_unless_asked(modality, io, runs_io):
+    from rwcnet.pipeline.instrument import Instrumentation
+    from rwcnet.pipeline.method import Settings, build_chain
+
+    settings = Settings.checked(model=None, io=io, io_iterations=None, modality=modality, ct_range="window",
+                                refine=True, refine_metric="auto", refine_iterations=None, device=torch.device("cpu"))
+    record = Instrumentation(None, None, torch.device("cpu"))
+    keys = [step.key for step in build_chain("rwcnet", settings, record)]
+    assert ("instance_optimisation" in keys) == runs_io and "refinement" in keys
+    convexadam = build_chain("convexadam", settings, record)[0]  # its Adam stage runs unless io is False
+    assert (convexadam.io_iterations != 0) == (io is not False)

@@ -107,12 +107,14 @@ def register(
     model: str = typer.Option(
         "default", "--model",
         help="default (the modality's model: brain for mr, lung for ct), "
-             "a shipped model name (brain, lung), a model file, or 'none' for instance optimisation alone. "
+             "a shipped model name (brain, lung), a model file, or 'none' for no network (with --io: IO alone). "
              "IO alone follows shifts up to about 6 mm and smooth deformations up to about 10 mm (known "
              "displacements, benchmarks/io_capture_range.py: residual 0.9-1.0 mm at a 6 mm shift, 2-4.5 mm at 10 mm, "
              "lost at 15 mm): use it alone for pairs already aligned to within a few mm, not for breathing motion.",
     ),
-    io: bool = typer.Option(True, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the network."),
+    io: Optional[bool] = typer.Option(None, "--io/--no-io", help="Instance optimisation (Adam on MIND features) after the "
+                                      "network. Default: on for --modality mr, off for ct (on breathing CT, IO's field "
+                                      "is a worse start for the refinement than the network's)."),
     io_iters: Optional[int] = typer.Option(None, "--io-iters", min=0, help="Adam steps (default: the modality preset's)."),
     refine: bool = typer.Option(True, "--refine/--no-refine", help="Fine-scale refinement to full resolution after the network and IO."),
     refine_metric: str = typer.Option("auto", "--refine-metric", help="auto (NCC for CT or same-contrast pairs, else MIND), ncc or mind."),

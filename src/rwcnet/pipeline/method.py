@@ -19,6 +19,9 @@ Tensor = torch.Tensor
 
 #: The instance-optimisation (and refinement, ConvexAdam) preset of each modality.
 MODALITY_PRESET = {"mr": "brain", "ct": "lung"}
+#: Whether the ``rwcnet`` chain runs instance optimisation when ``io`` is not given. Off for CT: on breathing
+#: pairs IO's rough field is a worse start for the refinement than the network's (docs/results.md, lung pairs).
+MODALITY_IO = {"mr": True, "ct": False}
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Settings:
     """The validated options of :func:`rwcnet.register.register` that methods are built from."""
 
     model: str | Path | None
-    io: bool
+    io: bool | None  # None: the modality's choice (MODALITY_IO; ConvexAdam's Adam stage runs)
     io_iterations: int | None
     modality: str
     ct_range: str
@@ -45,6 +48,11 @@ class Settings:
     def preset(self) -> str:
         """``brain`` or ``lung``: the modality's preset of instance optimisation, refinement and ConvexAdam."""
         return MODALITY_PRESET[self.modality]
+
+    @property
+    def instance_optimisation(self) -> bool:
+        """Whether the ``rwcnet`` chain runs instance optimisation: ``io``, else the modality's :data:`MODALITY_IO`."""
+        return MODALITY_IO[self.modality] if self.io is None else self.io
 
     @classmethod
     def checked(cls, *, modality: str, refine_metric: str, refine_iterations: tuple[int, ...] | None,

@@ -96,7 +96,7 @@ class ConvexAdam(Method):
 
 @register_method("instance_optimisation")
 def build_instance_optimisation(settings: Settings, record: Instrumentation) -> InstanceOptimisation | None:
-    return InstanceOptimisation(settings.preset, settings.io_iterations) if settings.io else None
+    return InstanceOptimisation(settings.preset, settings.io_iterations) if settings.instance_optimisation else None
 
 
 @register_method("refinement")
@@ -112,4 +112,4 @@ def build_fold_repair(settings: Settings, record: Instrumentation) -> FoldRepair
 @register_method("convexadam")
 def build_convexadam(settings: Settings, record: Instrumentation) -> ConvexAdam:
     record.notes.append("ConvexAdam (in-package baseline)")
-    return ConvexAdam(settings.preset, settings.io_iterations if settings.io else 0)
+    return ConvexAdam(settings.preset, settings.io_iterations if settings.io is not False else 0)
