@@ -1,4 +1,8 @@
-"""Write ``docs/results.md`` from the cached scores of ``benchmarks/paper_tables.py``."""
+"""Write ``docs/results.md`` from the cached scores of ``benchmarks/paper_tables.py``.
+
+The tables are generated; ``docs/results_notes.md`` is appended verbatim. Hand-written sections belong
+there: anything written into ``docs/results.md`` itself is lost at the next ``report``.
+"""
 
 from __future__ import annotations
 
