@@ -275,3 +275,19 @@ def test_slab_parallel_sampling_equals_one_grid_sample(size_x, mode):
     have = torch.autograd.grad((got * weights).sum(), [volume, coords], allow_unused=True)
     for a, b in zip(have, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalised_grid_matches_the_flip_formula_exactly_with_its_gradient(dtype):
+    shape = (9, 8, 7)
+    coords = (geometry.identity_grid((5, 4, 6), dtype=dtype) + 3 * torch.randn(2, 3, 5, 4, 6, dtype=dtype)).requires_grad_()
+    scale = torch.tensor([2.0 / (n - 1) for n in shape], dtype=dtype).view(1, 3, 1, 1, 1)
+    expected = (coords * scale - 1.0).movedim(1, -1).flip(-1)
+    got = geometry._normalise(coords, shape)
+    assert torch.equal(got, expected) and got.is_contiguous()
+    weights = torch.randn_like(expected)
+    (want,) = torch.autograd.grad((expected * weights).sum(), coords)
+    (have,) = torch.autograd.grad((got * weights).sum(), coords)
+    torch.testing.assert_close(have, want)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda c: geometry._normalise(c, shape), (coords[:1, :, :2, :2, :2].detach().clone().requires_grad_(),))
