@@ -7,6 +7,7 @@ on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 * ``default``: ``register()`` as shipped now (affine, network, IO, the refinement, then the fold repair);
 * ``network+io``: ``register(refine=False, repair_folds=False)``, the default before the refinement;
 * ``network+refine``: ``register(io=False, refine=True)``;
+* ``io+refine``: ``register(model=None)``: the default without the network;
 * ``io``: ``register(model=None, refine=False, repair_folds=False)``, instance optimisation alone;
 * ``convexadam``: ``register(method="convexadam")``.
 
@@ -40,9 +41,10 @@ OPTIONS = {
     "network+io": dict(refine=False, repair_folds=False),
     "network+refine": dict(io=False, refine=True),
     "io": dict(model=None, refine=False, repair_folds=False),
+    "io+refine": dict(model=None),
     "convexadam": dict(method="convexadam"),
 }
-METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "network+io", "io", "convexadam")
+METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "io+refine", "network+io", "io", "convexadam")
 
 
 def _memory_gb(key: str) -> float:
