@@ -68,6 +68,7 @@ METHODS = [
     Method("RWCNet with IO", 2, {"io": True, "refine": False, "repair_folds": False}, model="shipped:brain", network="cpu", lung_model="rwcnet_lung"),
     Method("RWCNet with IO and refinement", 2, {"io": True, "refine": True}, model="shipped:brain", network="cpu",
            lung_model="rwcnet_lung"),
+    Method("IO and refinement (no network)", 2, {"io": True, "refine": True}),
     Method("ANTs SyN", 2, {}, peer="ants"),
     Method("elastix B-spline", 2, {}, peer="elastix"),
     Method("greedy", 2, {}, peer="greedy"),
