@@ -29,6 +29,7 @@ from rwcnet import geometry
 from rwcnet.model.files import build_model, load_model
 from rwcnet.training.config import load_config
 from rwcnet.training.data import TrainingData, iterate_steps
+from rwcnet.training.runtime import load_checkpoint
 from rwcnet.training.steps import _label_loss, sample_loss, validate, validate_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ CPU = torch.device("cpu")
 
 def _best_weights(config, checkpoint: Path):
     model = build_model(config.network())
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["best"])
+    model.load_state_dict(load_checkpoint(checkpoint, config)["best"])
     return model
 
 
@@ -134,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
-    data = TrainingData(config, build_model(config.network()).config.alignment)
+    data = TrainingData(config, config.network().alignment)
     if args.what == "iterations":
         iterations(config, data, args)
     elif args.what == "overfit":
