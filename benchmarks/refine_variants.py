@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--pairs-cache", type=Path, default=Path("runs/paper_tables"), help="paper_tables.py's --cache")
     parser.add_argument("--starts", type=Path, default=Path("runs/refine_starts"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--io-iters", type=int, default=None, help="instance optimisation steps of the start (default: the preset's)")
     parser.add_argument("--no-repair", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,9 +102,10 @@ def main() -> None:
     repair = () if args.no_repair else ("fold_repair",)
     for pair in args.pairs:
         fixed, moving = _pair(pair, args.data, args.pairs_cache)
-        START.path = args.starts / f"{pair}.pt"
+        START.path = args.starts / (f"{pair}.pt" if args.io_iters is None else f"{pair}-io{args.io_iters}.pt")
         if not START.path.is_file():
-            register(fixed, moving, affine=False, method=("network", "instance_optimisation", "cached_start"))
+            register(fixed, moving, affine=False, io_iterations=args.io_iters,
+                     method=("network", "instance_optimisation", "cached_start"))
         for name, overrides in variants:
             OVERRIDES.clear()
             OVERRIDES.update(overrides)
