@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,9 @@ class CachedStart(Method):
 
     def run(self, pair, init, record):
         if init is not None:
-            torch.save(init.cpu(), self.path)
+            partial = self.path.with_suffix(".partial")
+            torch.save(init.cpu(), partial)
+            partial.replace(self.path)  # an interrupted run leaves no half-written start
             return init
         return torch.load(self.path).to(pair.device)
 
@@ -68,19 +69,29 @@ def _pair(name: str, data: Path, pairs_cache: Path) -> tuple[str, str]:
     return f"{stem}0000.nii.gz", f"{stem}0001.nii.gz"
 
 
-def _scores(name: str, field: np.ndarray, data: Path, pairs_cache: Path) -> dict:
+def _scorer(name: str, data: Path, pairs_cache: Path):
+    """``score(field)`` for pair ``name``: its references are read once, here."""
     if name == "real":
         root = data / "brain"
         labels = json.loads((root / "BRAIN_dataset.json").read_text())["evaluation_labels"]
         read = lambda n: read_image(root / "labelsTr" / f"BRAIN_{n}_0000.nii.gz").array.astype(np.int32)  # noqa: E731
-        s = score_case(field, read("0001"), read("0002"), labels=labels, compute_hd95=False)
-        return {"dice": round(s["dice"], 4), "sdlogj": round(s["sdlogj"], 4), "folds_pct": round(100 * s["folding_fraction"], 4)}
+        fixed_labels, moving_labels = read("0001"), read("0002")
+
+        def score(field: np.ndarray) -> dict:
+            s = score_case(field, fixed_labels, moving_labels, labels=labels, compute_hd95=False)
+            return {"dice": round(s["dice"], 4), "sdlogj": round(s["sdlogj"], 4), "folds_pct": round(100 * s["folding_fraction"], 4)}
+
+        return score
     root = pairs_cache / "data" / "SYNBRAIN"
     fixed = read_image(root / "imagesTr" / f"SYNBRAIN_{int(name):04d}_0000.nii.gz")
-    truth = np.load(root / "truth" / f"{int(name):04d}.npy")
-    error = np.linalg.norm((field - truth) * np.asarray(fixed.spacing), axis=-1)[fixed.array > 0].mean()
-    s = score_case(field, compute_hd95=False)
-    return {"epe": round(float(error), 4), "sdlogj": round(s["sdlogj"], 4), "folds_pct": round(100 * s["folding_fraction"], 4)}
+    truth, inside, spacing = np.load(root / "truth" / f"{int(name):04d}.npy"), fixed.array > 0, np.asarray(fixed.spacing)
+
+    def score(field: np.ndarray) -> dict:
+        error = np.linalg.norm((field - truth) * spacing, axis=-1)[inside].mean()
+        s = score_case(field, compute_hd95=False)
+        return {"epe": round(float(error), 4), "sdlogj": round(s["sdlogj"], 4), "folds_pct": round(100 * s["folding_fraction"], 4)}
+
+    return score
 
 
 def main() -> None:
@@ -102,6 +113,7 @@ def main() -> None:
     repair = () if args.no_repair else ("fold_repair",)
     for pair in args.pairs:
         fixed, moving = _pair(pair, args.data, args.pairs_cache)
+        score = _scorer(pair, args.data, args.pairs_cache)
         START.path = args.starts / (f"{pair}.pt" if args.io_iters is None else f"{pair}-io{args.io_iters}.pt")
         if not START.path.is_file():
             register(fixed, moving, affine=False, io_iterations=args.io_iters,
@@ -110,8 +122,7 @@ def main() -> None:
             OVERRIDES.clear()
             OVERRIDES.update(overrides)
             result = register(fixed, moving, affine=False, method=("cached_start", "variant_refinement", *repair))
-            field = result.field
-            print(json.dumps({"pair": pair, "variant": name, **_scores(pair, field, args.data, args.pairs_cache),
+            print(json.dumps({"pair": pair, "variant": name, **score(result.field),
                               "refinement_s": round(result.seconds["refinement"], 1)}), flush=True)
 
 
