@@ -45,6 +45,22 @@ def test_functional_and_buffered_filters_equal_scipy(border, weights):
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("border", ["zeros", "renormalise", "replicate"])
+@pytest.mark.parametrize("weights", [box_half_kernel(3), gaussian_half_kernel(1.5)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_buffered_filter_in_slabs_gives_the_same_bits_as_in_one_piece(border, weights, rows, monkeypatch):
+    """Slabs of a few rows (kernel radius 3 and 5 reaching past a slab, and past the volume's 9 rows) change nothing."""
+    volume = _volume((1, 2, 9, 8, 11)).float()
+    whole = SeparableFilter(weights, volume.shape[2:], 2, border=border)
+    assert whole.rows == 9
+    monkeypatch.setattr(SeparableFilter, "SLAB_BYTES", rows * 2 * 8 * 11 * 4)
+    slabbed = SeparableFilter(weights, volume.shape[2:], 2, border=border)
+    assert slabbed.rows == rows
+    expected = whole(volume, torch.empty_like(volume))
+    assert torch.equal(slabbed(volume, torch.empty_like(volume)), expected)
+    np.testing.assert_allclose(expected.numpy(), _scipy_filter(volume.double().numpy(), weights, border), atol=1e-6)
+
+
 @pytest.mark.parametrize("border,mode", [("zeros", "constant"), ("replicate", "nearest")])
 def test_box_equals_scipy_uniform_filter(border, mode):
     volume = np.random.default_rng(2).random((9, 8, 7)).astype(np.float32)
