@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from rwcnet.geometry import compose, identity_grid, resize_field, resize_volume, sample
+from rwcnet.geometry import identity_grid, resize_field, resize_volume, sample
 from rwcnet.geometry.filters import SeparableFilter, box_half_kernel, gaussian_half_kernel
 from rwcnet.geometry.grids import coarse_voxel_map
 from rwcnet.instance_optimisation import mind_pair
@@ -167,7 +167,8 @@ class _Level:
         self.to_moving = None if moving_map is None else torch.as_tensor(moving_map, dtype=torch.float32, device=device)
         self.base, self.smooth_total, self.compose, self.scale_step = base, config.smooth_total, config.compose, config.scale_step
         with torch.no_grad():
-            self.origin = identity_grid(shape, device=device) + base  # x + init(x), voxels of the level
+            self.identity = identity_grid(shape, device=device)
+            self.origin = self.identity + base  # x + init(x), voxels of the level
             self.interpolant_gradient = metric == "ncc" and config.interpolant_gradient
             if metric == "ncc" and not self.interpolant_gradient:  # the moving image and its gradient, sampled together
                 stack = [moving, *torch.gradient(moving, dim=(2, 3, 4))]
@@ -291,8 +292,9 @@ class _Level:
         update = self.smoothed
         if self.velocity is not None:  # δ_t = capped step + μ δ_{t-1}
             update = self.velocity.mul_(self.momentum).add_(self.smoothed)
-        if self.compose:  # base + r <- δ + (base + r)∘(id + δ)
-            residual.copy_(compose(update, residual.add_(self.base)).sub_(self.base))
+        if self.compose:  # base + r <- δ + (base + r)∘(id + δ), i.e. :func:`rwcnet.geometry.compose` into the buffers
+            composed = sample(residual.add_(self.base), torch.add(self.identity, update, out=self.coords))
+            torch.add(update, composed, out=residual).sub_(self.base)
         else:
             residual.add_(update)
         if self.smooth_total:
