@@ -4,8 +4,10 @@ Methods, each in its own subprocess with the same thread count, in this order,
 on ``../shared/data/brain`` (fixed 0001, moving 0002, 160×192×224, 1 mm):
 
 * ``greedy 100x50x20`` and ``greedy 50x25x10``: greedy (``rwcnet.baselines.peers``), NCC 2x2x2, no affine;
-* ``default``: ``register()`` as shipped now (affine, network, IO, the refinement, then the fold repair);
+* ``default``: ``register()`` as shipped now (network, IO, the refinement, then the fold repair; no affine step for every
+  method: the pair is pre-aligned);
 * ``network+io``: ``register(refine=False, repair_folds=False)``, the default before the refinement;
+* ``network``: ``register(io=False, refine=False, repair_folds=False)``, the network alone (one forward pass);
 * ``network+refine``: ``register(io=False, refine=True)``;
 * ``io+refine``: ``register(model=None)``: the default without the network;
 * ``io``: ``register(model=None, refine=False, repair_folds=False)``, instance optimisation alone;
@@ -38,13 +40,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {
     "default": {},
+    "network": dict(io=False, refine=False, repair_folds=False),
     "network+io": dict(refine=False, repair_folds=False),
     "network+refine": dict(io=False, refine=True),
     "io": dict(model=None, refine=False, repair_folds=False),
     "io+refine": dict(model=None),
     "convexadam": dict(method="convexadam"),
 }
-METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "io+refine", "network+io", "io", "convexadam")
+METHODS = ("greedy 100x50x20", "greedy 50x25x10", "default", "network+refine", "io+refine", "network+io", "network", "io",
+           "convexadam")
 
 
 def _memory_gb(key: str) -> float:
