@@ -106,8 +106,9 @@ def _truth(data: Path) -> dict:
 
 
 def _paused(pid: int | None):
-    """Stop ``pid`` now; returns the function that continues it (a no-op without a pid)."""
-    if pid is None:
+    """Stop ``pid`` now; returns the function that continues it (a no-op without a pid, or for 0, which to
+    ``os.kill`` would mean this whole process group)."""
+    if not pid:
         return lambda: None
     try:
         os.kill(pid, signal.SIGSTOP)
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--pause-pid", type=int, default=None, help="process to stop during the run (default: the training's)")
+    parser.add_argument("--pause-pid", type=int, default=None, help="process to stop during the run (default: the training's; 0: none)")
     args = parser.parse_args()
     from rwcnet.evaluation.metrics import score_case
 
