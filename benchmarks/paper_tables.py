@@ -57,6 +57,7 @@ class Method:
     network: str | None = None  # network preset trained with the cpu-brain schedule
     lung_model: str | None = None  # training run name under CACHE/train of the network for SYNLUNG
     peer: str | None = None  # classical peer run in its own environment (rwcnet.baselines.peers)
+    peer_arguments: tuple[str, ...] = ()  # after the threads (greedy: iterations per level)
 
 
 METHODS = [
@@ -69,9 +70,11 @@ METHODS = [
     Method("RWCNet with IO and refinement", 2, {"io": True, "refine": True}, model="shipped:brain", network="cpu",
            lung_model="rwcnet_lung"),
     Method("IO and refinement (no network)", 2, {"io": True, "refine": True}),
+    Method("IO alone", 2, {"io": True, "refine": False, "repair_folds": False}),
     Method("ANTs SyN", 2, {}, peer="ants"),
     Method("elastix B-spline", 2, {}, peer="elastix"),
     Method("greedy", 2, {}, peer="greedy"),
+    Method("greedy 50x25x10", 2, {}, peer="greedy", peer_arguments=("50x25x10",)),
     Method("single resolution", 3, {"io": False, "refine": False, "repair_folds": False}, model="single_resolution", network="cpu:single_resolution",
            lung_model="single_resolution_lung"),
     Method("no correlation", 3, {"io": False, "refine": False, "repair_folds": False}, model="no_correlation", network="cpu:no_correlation",
@@ -303,7 +306,7 @@ def worker(payload: str) -> None:
     elif job.get("peer"):
         from rwcnet.baselines.peers import run_peer
 
-        result = run_peer(job["peer"], fixed, moving, threads=job["threads"])
+        result = run_peer(job["peer"], fixed, moving, threads=job["threads"], arguments=tuple(job.get("peer_arguments", ())))
         field, peak = result.field, result.peak_gb
     else:
         options = dict(job["options"])
@@ -356,7 +359,7 @@ def run(method: Method, dataset: str, data: Path, cache: Path, threads: int) -> 
             done += 1
             continue
         job = {"method": method.name, "options": method.options, "model": str(path) if path else None, "peer": method.peer,
-               "fixed": str(pair.fixed), "moving": str(pair.moving), "modality": modality, "threads": threads,
+               "peer_arguments": list(method.peer_arguments), "fixed": str(pair.fixed), "moving": str(pair.moving), "modality": modality, "threads": threads,
                "output": str(field_dir(cache, method, dataset))}
         if dataset == "SYNLUNG":
             job["fixed_mask"], job["moving_mask"] = (str(Path(str(p).replace("imagesTr", "masksTr"))) for p in (pair.fixed, pair.moving))
