@@ -73,6 +73,12 @@ def _inverted_dataset(source: Path, target: Path) -> Path:
 
     dataset = Learn2RegDataset(source)
     shutil.copytree(dataset.root, target, symlinks=True, copy_function=os.symlink)
+    # The dataset JSON is a real copy: a link would resolve back to the source folder, and the inverted images
+    # written below would silently not be read (the first version of this card script scored the real pair twice).
+    json_copy = target / dataset.json_path.relative_to(dataset.root)
+    json_copy.unlink()
+    shutil.copyfile(dataset.json_path, json_copy)
+    written = []
     for pair in dataset.pairs("val"):
         image = read_image(pair.moving)
         array = np.asarray(image.array, dtype=np.float32)
@@ -80,6 +86,10 @@ def _inverted_dataset(source: Path, target: Path) -> Path:
         destination = target / Path(pair.moving).relative_to(dataset.root)
         destination.unlink()
         write_image(destination, inverted, image)
+        written.append(destination.resolve())
+    read_back = [Path(pair.moving).resolve() for pair in Learn2RegDataset(target).pairs("val")]
+    if read_back != written:
+        raise RuntimeError(f"the inverted dataset {target} reads {read_back}, not the inverted images {written}")
     return target
 
 
