@@ -25,10 +25,9 @@ This is the scheme of greedy (Yushkevich et al.) with its default smoothing
 ``ncc_signed`` and ``interpolant_gradient`` the NCC gradient matches greedy
 1.4's own (``greedy -metric -og``: correlation 0.97-0.98 per component inside
 a real brain pair, same scale; ``benchmarks/greedy_gradient.py``).
-Filters are :class:`rwcnet.geometry.filters.SeparableFilter`: sums of shifted
-views into preallocated buffers (no convolution kernels, no temporaries per
-pass), with renormalised borders, i.e. a window is clipped to the volume. Fields are pull-back displacements in voxels
-of the working grid, ``(1, 3, X, Y, Z)``; images ``(1, 1, X, Y, Z)``.
+Filters are :class:`rwcnet.geometry.filters.SeparableFilter` (shifted sums into buffers, slab by slab, windows
+clipped to the volume). Fields are pull-back displacements in voxels of the working grid, ``(1, 3, X, Y, Z)``;
+images ``(1, 1, X, Y, Z)``. Updates are composed into the level's buffers, with no temporaries per iteration.
 """
 
 from __future__ import annotations
