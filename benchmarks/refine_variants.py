@@ -7,7 +7,9 @@ and ``paper_tables.py``. A variant is a name and
 :class:`rwcnet.refine.RefineConfig` overrides of the brain preset, in JSON. The start fields are cached in
 ``--starts`` (one ``.pt`` per pair; delete them after changing the network or IO). Prints one JSON line per pair
 and variant: the scores, SDlogJ, folds and the refinement's seconds. The chain ends with the fold repair unless
-``--no-repair``. Uses the pipeline's extension points (:func:`rwcnet.pipeline.register_method`).
+``--no-repair``. With ``--invert-moving`` every moving image has its contrast inverted first (``where(m > 0,
+max(m[m > 0]) - m, 0)``, written once beside the starts), so that the refinement's contrast check picks MIND. Uses the
+pipeline's extension points (:func:`rwcnet.pipeline.register_method`).
 
     python benchmarks/refine_variants.py --pairs real 2 6 8 --variant preset '{}' \\
         --variant plain '{"iterations": [200, 100, 40], "momentum": 0, "sigma_field": 0.85}'
@@ -69,6 +71,20 @@ def _pair(name: str, data: Path, pairs_cache: Path) -> tuple[str, str]:
     return f"{stem}0000.nii.gz", f"{stem}0001.nii.gz"
 
 
+def _inverted(moving: str, folder: Path) -> str:
+    """The moving image with its contrast inverted inside the head, written once into ``folder``; returns its path."""
+    from rwcnet.data.formats import write_image
+
+    target = folder / ("inverted_" + Path(moving).name)
+    if not target.is_file():
+        image = read_image(moving)
+        array = np.asarray(image.array, dtype=np.float32)
+        partial = target.with_name(target.name + ".partial.nii.gz")
+        write_image(partial, np.where(array > 0, array[array > 0].max() - array, 0).astype(np.float32), image)
+        partial.replace(target)
+    return str(target)
+
+
 def _scorer(name: str, data: Path, pairs_cache: Path):
     """``score(field)`` for pair ``name``: its references are read once, here."""
     if name == "real":
@@ -104,6 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--io-iters", type=int, default=None, help="instance optimisation steps of the start (default: the preset's)")
     parser.add_argument("--no-repair", action="store_true")
+    parser.add_argument("--invert-moving", action="store_true", help="invert each moving image's contrast (MIND refinement)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.starts.mkdir(parents=True, exist_ok=True)
@@ -113,8 +130,11 @@ def main() -> None:
     repair = () if args.no_repair else ("fold_repair",)
     for pair in args.pairs:
         fixed, moving = _pair(pair, args.data, args.pairs_cache)
+        if args.invert_moving:
+            moving = _inverted(moving, args.starts)
         score = _scorer(pair, args.data, args.pairs_cache)
-        START.path = args.starts / (f"{pair}.pt" if args.io_iters is None else f"{pair}-io{args.io_iters}.pt")
+        suffix = ("" if args.io_iters is None else f"-io{args.io_iters}") + ("-inverted" if args.invert_moving else "")
+        START.path = args.starts / f"{pair}{suffix}.pt"
         if not START.path.is_file():
             register(fixed, moving, affine=False, io_iterations=args.io_iters,
                      method=("network", "instance_optimisation", "cached_start"))
