@@ -70,18 +70,26 @@ def inside_weights(n: int, weights: Sequence[float], *, device=None, dtype=torch
     return total
 
 
-def _accumulate(source: Tensor, target: Tensor, dim: int, weights: Sequence[float], border: str) -> Tensor:
-    """Add ``Σ_{k ≥ 1} w_k (source(x − k) + source(x + k))`` along ``dim`` to ``target`` (which holds ``w_0 source``)."""
+def _accumulate(source: Tensor, target: Tensor, dim: int, weights: Sequence[float], border: str, start: int = 0,
+                stop: int | None = None) -> Tensor:
+    """Add ``Σ_{k ≥ 1} w_k (source(x − k) + source(x + k))`` along ``dim`` to ``target`` (which holds ``w_0 source``).
+
+    ``target`` holds the output rows ``start:stop`` of ``dim`` only (default: all of them).
+    """
     n = source.shape[dim]
+    stop = n if stop is None else stop
     for k, w in enumerate(weights[1:], 1):
-        inside = max(n - k, 0)  # voxels whose neighbour at distance k lies inside
-        if inside:
-            target.narrow(dim, k, inside).add_(source.narrow(dim, 0, inside), alpha=w)
-            target.narrow(dim, 0, inside).add_(source.narrow(dim, k, inside), alpha=w)
+        low, high = max(start, k), min(stop, n - k)  # rows whose neighbour at x − k, x + k lies inside
+        if low < stop:
+            target.narrow(dim, low - start, stop - low).add_(source.narrow(dim, low - k, stop - low), alpha=w)
+        if high > start:
+            target.narrow(dim, 0, high - start).add_(source.narrow(dim, start + k, high - start), alpha=w)
         if border == "replicate":
-            outside = n - inside
-            target.narrow(dim, 0, outside).add_(source.narrow(dim, 0, 1), alpha=w)
-            target.narrow(dim, n - outside, outside).add_(source.narrow(dim, n - 1, 1), alpha=w)
+            below, above = min(stop, k), max(start, n - k)  # rows whose neighbour at x − k, x + k lies outside
+            if below > start:
+                target.narrow(dim, 0, below - start).add_(source.narrow(dim, 0, 1), alpha=w)
+            if above < stop:
+                target.narrow(dim, above - start, stop - above).add_(source.narrow(dim, n - 1, 1), alpha=w)
     return target
 
 
@@ -208,31 +216,13 @@ class SeparableFilter:
         ]
         self.scale = 1.0 if border == "renormalise" else kernel_sum(self.weights) ** -3
 
-    def _pass(self, source: Tensor, target: Tensor, dim: int) -> None:
-        torch.mul(source, self.weights[0], out=target)
-        _accumulate(source, target, dim, self.weights, self.border)
+    def _pass(self, source: Tensor, target: Tensor, dim: int, start: int = 0, stop: int | None = None) -> None:
+        """The pass along ``dim`` for output rows ``start:stop`` of that axis (default: all) into ``target``."""
+        stop = source.shape[dim] if stop is None else stop
+        torch.mul(source.narrow(dim, start, stop - start), self.weights[0], out=target)
+        _accumulate(source, target, dim, self.weights, self.border, start, stop)
         if self.norms[dim - 2] is not None:
-            target.mul_(self.norms[dim - 2])
-
-    def _first_pass(self, source: Tensor, target: Tensor, start: int, stop: int) -> None:
-        """The pass along ``X`` for output rows ``start:stop`` of ``source`` into ``target`` (those rows only);
-        the terms of :func:`_accumulate`, in its order."""
-        n, dim = source.shape[2], 2
-        torch.mul(source[:, :, start:stop], self.weights[0], out=target)
-        for k, w in enumerate(self.weights[1:], 1):
-            low, high = max(start, k), min(stop, n - k)  # rows whose neighbour at x − k, x + k lies inside
-            if low < stop:
-                target.narrow(dim, low - start, stop - low).add_(source.narrow(dim, low - k, stop - low), alpha=w)
-            if high > start:
-                target.narrow(dim, 0, high - start).add_(source.narrow(dim, start + k, high - start), alpha=w)
-            if self.border == "replicate":
-                below, above = min(stop, k), max(start, n - k)  # rows whose neighbour at x − k, x + k lies outside
-                if below > start:
-                    target.narrow(dim, 0, below - start).add_(source.narrow(dim, 0, 1), alpha=w)
-                if above < stop:
-                    target.narrow(dim, above - start, stop - above).add_(source.narrow(dim, n - 1, 1), alpha=w)
-        if self.norms[0] is not None:
-            target.mul_(self.norms[0][:, :, start:stop])
+            target.mul_(self.norms[dim - 2].narrow(dim, start, stop - start))
 
     def __call__(self, source: Tensor, out: Tensor) -> Tensor:
         """Filter ``source`` into ``out`` (same shape as the filter's, ``out`` not ``source``); returns ``out``."""
@@ -242,7 +232,7 @@ class SeparableFilter:
         for start in range(0, self.shape[0], self.rows):
             stop = min(start + self.rows, self.shape[0])
             first, second = (slab[:, :channels, : stop - start] for slab in self.slabs)
-            self._first_pass(source, first, start, stop)
+            self._pass(source, first, 2, start, stop)
             self._pass(first, second, 3)
             self._pass(second, out[:, :, start:stop], 4)
         return out if self.scale == 1.0 else out.mul_(self.scale)
