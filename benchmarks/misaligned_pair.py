@@ -33,6 +33,7 @@ from rwcnet.affine import matrix_about, rotation_matrix
 from rwcnet.data.formats import Image, read_image
 from rwcnet.evaluation import metrics
 from rwcnet.geometry.grids import Grid, sampling_field
+from rwcnet.intensity import invert_contrast
 from rwcnet.register import register
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain"
@@ -79,8 +80,7 @@ def main() -> None:
 
     identity = np.zeros(fixed.shape + (3,), np.float32)
     row("misaligned, nothing", dice(identity, fixed, turned_labels, fixed_labels, labels), 0.0)
-    positive = moving.array[moving.array > 0]
-    inverted = Image(np.where(moving.array > 0, positive.max() - moving.array, 0).astype(np.float32), moving.affine)
+    inverted = Image(invert_contrast(moving.array), moving.affine)
     runs = [("aligned", moving, moving_labels), ("misaligned", turned, turned_labels),
             ("inverted", inverted, moving_labels)]
     for name, image, image_labels in runs:

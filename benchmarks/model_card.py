@@ -70,6 +70,7 @@ def _inverted_dataset(source: Path, target: Path) -> Path:
     """A copy of the dataset folder (links) whose validation moving images have their contrast inverted."""
     from rwcnet.data.datasets import Learn2RegDataset
     from rwcnet.data.formats import read_image, write_image
+    from rwcnet.intensity import invert_contrast
 
     dataset = Learn2RegDataset(source)
     shutil.copytree(dataset.root, target, symlinks=True, copy_function=os.symlink)
@@ -81,8 +82,7 @@ def _inverted_dataset(source: Path, target: Path) -> Path:
     written = []
     for pair in dataset.pairs("val"):
         image = read_image(pair.moving)
-        array = np.asarray(image.array, dtype=np.float32)
-        inverted = np.where(array > 0, array[array > 0].max() - array, 0).astype(np.float32)
+        inverted = invert_contrast(image.array)
         destination = target / Path(pair.moving).relative_to(dataset.root)
         destination.unlink()
         write_image(destination, inverted, image)

@@ -26,6 +26,7 @@ import torch
 
 from rwcnet.data.formats import read_image
 from rwcnet.evaluation.metrics import score_case
+from rwcnet.intensity import invert_contrast
 from rwcnet.pipeline import register_method
 from rwcnet.pipeline.methods import Refinement
 from rwcnet.pipeline.method import Method
@@ -78,9 +79,8 @@ def _inverted(moving: str, folder: Path) -> str:
     target = folder / ("inverted_" + Path(moving).name)
     if not target.is_file():
         image = read_image(moving)
-        array = np.asarray(image.array, dtype=np.float32)
         partial = target.with_name(target.name + ".partial.nii.gz")
-        write_image(partial, np.where(array > 0, array[array > 0].max() - array, 0).astype(np.float32), image)
+        write_image(partial, invert_contrast(image.array), image)
         partial.replace(target)
     return str(target)
 

@@ -5,6 +5,8 @@
 * ``ct``: a Hounsfield window clipped to [0, 1]: ``window`` (default,
   -1000..600 HU, air to dense tissue, what the lungs need) or ``paper``
   (-4000..16000, the range the RWCNet paper normalises NLST with).
+
+:func:`invert_contrast` makes the contrast-inverted test image the issues and benchmarks use.
 """
 
 from __future__ import annotations
@@ -37,3 +39,12 @@ def normalise(array: np.ndarray, modality: str, *, ct_range: str = "window") -> 
         low, high = CT_RANGES[ct_range]
         return scale_intensity(data, low, high, clip=True)
     raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
+
+
+def invert_contrast(array: np.ndarray) -> np.ndarray:
+    """``where(m > 0, max(m[m > 0]) − m, 0)`` as float32: the head's contrast inverted, the background kept at 0."""
+    data = np.asarray(array, dtype=np.float32)
+    inside = data > 0
+    if not inside.any():
+        return np.zeros_like(data)
+    return np.where(inside, data[inside].max() - data, 0).astype(np.float32)
