@@ -28,7 +28,8 @@ import torch
 from rwcnet import geometry
 from rwcnet.model.files import build_model, load_model
 from rwcnet.training.config import load_config
-from rwcnet.training.data import TrainingData, iterate_steps
+from rwcnet.training.data import TrainingData
+from rwcnet.training.sampling import iterate_steps
 from rwcnet.training.runtime import load_checkpoint
 from rwcnet.training.steps import _label_loss, sample_loss, validate, validate_labels
 

@@ -20,7 +20,8 @@ from rwcnet.losses import LossConfig, total_loss
 from rwcnet.model import load_model
 from rwcnet.training.loop import train
 from rwcnet.training.config import TrainingConfig, dump_config, load_config, training_preset
-from rwcnet.training.data import TrainingData, sample_indices
+from rwcnet.training.data import TrainingData
+from rwcnet.training.sampling import sample_indices
 from rwcnet.training.log import plot_log, read_log
 from train_fixture import tiny_config, write_dataset
 

@@ -23,7 +23,6 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -34,11 +33,12 @@ from rwcnet import geometry, masks
 from rwcnet.geometry.layout import pad_to_multiple
 from rwcnet.data.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
-from rwcnet.intensity import scale_intensity
+from rwcnet.intensity import invert_contrast, scale_intensity
 from rwcnet.data.formats import Image, read_image, read_keypoints
 from rwcnet.synthetic import (IntensitySettings, breathing_deformation, intensity_perturbation, make_pair,
                               random_deformation)
 from rwcnet.training.synthmorph_source import LabelPairSource
+from rwcnet.training.teacher import TeacherFields, augment
 from rwcnet.training.config import DataConfig, Normalisation, PhaseConfig, SyntheticConfig, TrainingConfig
 
 Tensor = torch.Tensor
@@ -154,6 +154,9 @@ class TrainingData:
                 raise InputError(f"{self.dataset.json_path}: synthmorph.reference {data.synthmorph.reference!r} is not a training image")
             spacing = tuple(float(s) for s in read_image(reference).spacing)
             self.label_pairs = LabelPairSource(data.synthmorph, reference, spacing)  # type: ignore[arg-type]
+        self.teacher = None
+        if data.teacher is not None:
+            self.teacher = TeacherFields.for_images(data.teacher, names, available, self.dataset.json_path)
 
     @property
     def image_ids(self) -> list[str]:
@@ -230,6 +233,14 @@ class TrainingData:
             items["moving_keypoints"] = torch.from_numpy(moving.keypoints).float()[None]
         return items
 
+    def _teacher_pair(self, pair: Pair, rng: np.random.Generator) -> dict:
+        """A real pair whose known ``truth`` is the teacher's field (augmented: :func:`rwcnet.training.teacher.augment`)."""
+        items = self._real_pair(pair, rng)
+        truth = pad_to_multiple(self.teacher.field(pair), self.alignment, mode="zeros")
+        fixed, moving, truth = augment(items["fixed"], items["moving"], truth, self._load(pair.fixed).spacing,
+                                       self.data.teacher, rng, self.synthetic)
+        return dict(fixed=fixed, moving=moving, truth=truth)
+
     def _crop_size(self, downsample: int, patch) -> list[int] | None:
         """Label-map pairs are synthesised on the training patch alone (stage-grid voxels), rounded to the network's alignment."""
         if patch is None:
@@ -266,7 +277,11 @@ class TrainingData:
         if self.label_pairs is not None and rng.random() < self.label_pairs.settings.fraction:
             key, items = self.label_pairs.training_pair(rng, downsample, self._crop_size(downsample, phase.patch))
             return Sample(key=key, spacing=self.label_pairs.spacing, seed=seed, **items)
-        if self.data.synthetic is None or rng.random() < self.data.real_fraction:
+        if self.teacher is not None and rng.random() < self.data.teacher.fraction:
+            pair = self.teacher.training[int(rng.integers(len(self.teacher.training)))]
+            items = self._teacher_pair(pair, rng)
+            key, spacing = f"teacher:{pair.key}", self._load(pair.fixed).spacing
+        elif self.data.synthetic is None or rng.random() < self.data.real_fraction:
             pair = self.pairs[int(rng.integers(len(self.pairs)))]
             items = self._real_pair(pair, rng)
             key, spacing = pair.key, self._load(pair.fixed).spacing
@@ -318,6 +333,20 @@ class TrainingData:
             samples.append(Sample(key=key, spacing=self.label_pairs.spacing, seed=0, **items))
         return samples
 
+    def validation_teacher_samples(self) -> list[Sample]:
+        """The held-out teacher pairs (``data.teacher.validation``), whole grids, and each with the moving contrast
+        inverted too when training inverts it."""
+        samples = []
+        for pair in [] if self.teacher is None else self.teacher.validation:
+            fixed, moving = self._load(pair.fixed), self._load(pair.moving)
+            variants = [("", moving.image)]
+            if self.data.teacher.invert_moving > 0:
+                variants.append((":inverted", torch.from_numpy(invert_contrast(moving.image.numpy()))))
+            for suffix, image in variants:
+                samples.append(Sample(key=f"teacher:{pair.key}{suffix}", fixed=fixed.image, moving=image, spacing=fixed.spacing,
+                                      seed=0, truth=pad_to_multiple(self.teacher.field(pair), self.alignment, mode="zeros"), mask=self._foreground(fixed.image)))
+        return samples
+
     def report_pairs(self) -> list[Pair]:
         """The dataset's ``registration_val`` pairs (never used in training), scored once at the end."""
         if not self.dataset.meta.get("registration_val"):
@@ -327,59 +356,3 @@ class TrainingData:
     def reference_image(self) -> Image:
         """The first training image (its spacing and orientation go into the model's metadata)."""
         return read_image(self.images[0])
-
-
-def sample_indices(step: int, batch_size: int, rank: int, world_size: int) -> list[int]:
-    """Indices of the samples that process ``rank`` of ``world_size`` handles at optimiser step ``step`` (0-based)."""
-    if batch_size % world_size:
-        raise InputError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
-    local = batch_size // world_size
-    return [step * batch_size + rank * local + j for j in range(local)]
-
-
-class _SampleSet(torch.utils.data.Dataset):
-    """Map-style view ``index -> Sample`` of one phase, for a DataLoader with worker processes."""
-
-    def __init__(self, data: TrainingData, phase_index: int, phase: PhaseConfig, downsample: int) -> None:
-        self.data, self.phase_index, self.phase, self.downsample = data, phase_index, phase, downsample
-
-    def __getitem__(self, index: int) -> Sample:
-        return self.data.sample(self.phase_index, self.phase, self.downsample, index)
-
-    def __len__(self) -> int:
-        return (self.phase.steps + 1) * self.phase.batch_size
-
-
-def _identity(item):
-    return item
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def iterate_steps(data: TrainingData, phase_index: int, phase: PhaseConfig, downsample: int, start: int,
-                  rank: int = 0, world_size: int = 1) -> Iterator[list[Sample]]:
-    """The local samples of each step from ``start`` to the end of the phase.
-
-    With ``num_workers == 0`` they are made in the calling process, one step
-    ahead of nothing (no prefetch); otherwise a DataLoader's worker processes
-    (one thread each) make them in the background, in the same order.
-    """
-    steps = range(start, phase.steps)
-    if data.data.num_workers == 0:
-        for step in steps:
-            yield [data.sample(phase_index, phase, downsample, i) for i in sample_indices(step, phase.batch_size, rank, world_size)]
-        return
-    order = [i for step in steps for i in sample_indices(step, phase.batch_size, rank, world_size)]
-    loader = torch.utils.data.DataLoader(
-        _SampleSet(data, phase_index, phase, downsample), batch_size=None, sampler=order,
-        num_workers=data.data.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
-    )
-    local = phase.batch_size // world_size
-    batch: list[Sample] = []
-    for sample in loader:
-        batch.append(sample)
-        if len(batch) == local:
-            yield batch
-            batch = []

@@ -124,6 +124,29 @@ class SynthMorphConfig(Strict):
         return self
 
 
+class TeacherConfig(Strict):
+    """Real training pairs whose target is rwcnet's own optimisation of the pair (distillation).
+
+    The teacher is instance optimisation plus the fine-scale refinement, without
+    a network (``register(model=None, affine=False)``), run once per ordered
+    pair of training images and cached (:mod:`rwcnet.training.teacher`). Its
+    field is the known ``truth`` of the sample, scored by the supervised
+    endpoint error.
+    """
+
+    fraction: float = Field(0.8, ge=0, le=1, description="share of the samples (after label-map pairs) that are teacher pairs")
+    validation: list[tuple[str, str]] = Field(
+        default_factory=list, description="(fixed, moving) image ids held out from training and used for validation")
+    cache: str = Field("runs/cache/teacher", description="folder of the cached teacher fields")
+    seed: int = Field(0, description="seed of the teacher's registration")
+    invert_moving: float = Field(0.0, ge=0, le=1, description="probability that the moving image's contrast is inverted "
+                                 "(rwcnet.intensity.invert_contrast; the target is unchanged)")
+    warp_fixed_mm: tuple[float, float] = Field(
+        (0.0, 0.0), description="largest displacement (mm, drawn from this range) of a random smooth field that also "
+        "deforms the fixed image; the target becomes the composition (0: no extra deformation)")
+    warp_smoothness_mm: float = Field(20.0, gt=0, description="smoothness of that extra field")
+
+
 class Normalisation(Strict):
     """Intensity normalisation: ``none`` (as stored), ``range`` ``(I − low)/(high − low)``, ``window`` (clipped range)."""
 
@@ -149,6 +172,7 @@ class DataConfig(Strict):
     real_fraction: float = Field(0.0, ge=0, le=1, description="share of samples that are real pairs (image loss only)")
     synthetic: SyntheticConfig | None = SyntheticConfig()
     synthmorph: SynthMorphConfig | None = Field(None, description="pairs synthesised from label maps (SynthMorph-style)")
+    teacher: TeacherConfig | None = Field(None, description="real pairs with rwcnet's own optimisation as the target")
     normalisation: Normalisation = Normalisation()
     modality: Literal["mr", "ct"] | None = Field(
         None, description="modality recorded in the model file; None = the dataset JSON's (mr without one)")

@@ -52,7 +52,8 @@ from rwcnet.model.metadata import ModelMetadata
 from rwcnet.model.files import build_model
 from rwcnet.outputs import atomic_output
 from rwcnet.training.config import PhaseConfig, TrainingConfig, dump_config
-from rwcnet.training.data import TrainingData, iterate_steps
+from rwcnet.training.data import TrainingData
+from rwcnet.training.sampling import iterate_steps
 from rwcnet.training.log import Progress, TrainLog
 from rwcnet.training.runtime import Distributed, Signals, TrainingInterrupted, init_distributed, load_checkpoint, \
     rng_state, save_checkpoint, set_rng_state
@@ -130,9 +131,11 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
         log.truncate(lambda r: (r.get("phase", -1), r.get("step", 0)) <= position and not (
             r.get("kind") == "validation" and (r["phase"], r["step"]) == position and state["validated"] != state["step"]))
     label_pairs = config.data.synthmorph.validation_pairs if config.data.synthmorph is not None else 0
-    validating = config.validation.pairs > 0 or label_pairs > 0
+    teacher_pairs = len(config.data.teacher.validation) if config.data.teacher is not None else 0
+    validating = config.validation.pairs > 0 or label_pairs > 0 or teacher_pairs > 0
     validation_samples = data.validation_samples() if config.validation.pairs and env.main else []
     label_samples = data.validation_label_samples() if label_pairs and env.main else []
+    teacher_samples = data.validation_teacher_samples() if teacher_pairs and env.main else []
     signals = Signals()
     remaining = [i for i in selected if i >= state["phase"]]
     done = sum(config.phases[i].steps for i in selected if i < state["phase"]) + state["step"]
@@ -156,13 +159,16 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
             result = validate(model, validation_samples, phase.stage, device) if validation_samples else {}
             if label_samples:
                 result.update(validate_labels(model, label_samples, phase.stage, device))
+            if teacher_samples:
+                result.update({f"teacher_{k}": v for k, v in validate(model, teacher_samples, phase.stage, device).items()})
             result["seconds"] = time.monotonic() - start
         if env.world > 1:
             box = [result]
             dist.broadcast_object_list(box, src=0)
             result = box[0]
         with signals.critical():
-            metric = -result["label_dice"] if config.validation.metric == "dice" else result["epe"]
+            metric = {"dice": lambda: -result["label_dice"], "epe": lambda: result["epe"],
+                      "teacher": lambda: result["teacher_epe"]}[config.validation.metric]()
             if metric < state["best_metric"]:
                 state["best_metric"] = metric
                 state["best"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -176,6 +182,8 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
         if "label_dice" in result:
             parts.append(f"label Dice {result['label_dice']:.4f} (before {result['label_dice_before']:.4f}), "
                          f"folding {result['label_folding']:.5f}")
+        if "teacher_epe" in result:
+            parts.append(f"teacher EPE {result['teacher_epe']:.3f} mm (before {result['teacher_epe_before']:.3f})")
         bar.message(f"validation stage {phase.stage} step {state['step']}: " + "; ".join(parts))
 
     with signals:
