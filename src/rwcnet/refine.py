@@ -13,8 +13,8 @@ images brought to a level by area averaging, or as greedy by a Gaussian of
    the fixed mask) exactly, from box sums, with the moving image's gradient
    taken from central differences or, as greedy, from its trilinear
    interpolant; for MIND-SSC the negative gradient of the feature SSD;
-3. smooths it with a Gaussian (``sigma_update``, voxels of the level), scales
-   it so that its largest vector is ``step`` voxels, adds ``momentum`` times
+3. smooths it with a Gaussian (``sigma_update``, voxels of the level), times a
+   gain with its largest vector capped at ``step`` voxels, adds ``momentum`` times
    the level's previous update (heavy ball), adds it to ``r`` (or composes it
    with the field);
 4. smooths ``r`` (or the whole field) with a Gaussian (``sigma_field``).
@@ -75,7 +75,7 @@ class RefineConfig(BaseModel):
                                                           "this times the previous update (0: plain gradient steps)")
     compose: bool = Field(False, description="compose each update with the field, u <- δ + u∘(id + δ) (greedy), instead of adding it")
     gain_ncc: float = Field(1.0, gt=0, description="NCC: update = gain × smoothed gradient of Σ ncc (voxels), capped at step")
-    gain_mind: float = Field(5.0, gt=0, description="MIND: update = gain × smoothed gradient of −½ Σ SSD (voxels), capped at step")
+    gain_mind: float = Field(0.2, gt=0, description="MIND: update = gain × smoothed gradient of −½ Σ SSD, capped at step (docs/results.md)")
     mind_radius: int = Field(1, ge=0, description="MIND-SSC patch radius")
     mind_dilation: int = Field(2, ge=1, description="MIND-SSC neighbour distance")
     contrast_threshold: float = Field(0.3, description="auto metric: NCC when the foreground correlation reaches this")
