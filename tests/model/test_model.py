@@ -200,12 +200,14 @@ def test_model_file_round_trip_and_refusals(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
-def test_model_files_record_their_modality_and_old_files_read_as_mr(tmp_path):
-    from importlib import resources
+#: The first shipped ``brain.pt`` (``cpu-brain``, format 1), kept so that files of that format stay tested.
+FORMAT_1_BRAIN = Path(__file__).resolve().parents[1] / "fixtures" / "brain_cpu_brain_v1.pt"
 
-    shipped = Path(str(resources.files("rwcnet") / "weights" / "brain.pt"))
-    assert "modality" not in torch.load(shipped, weights_only=True)["metadata"]  # written before modality was recorded
-    assert load_model(shipped)[1].modality == "mr"
+
+def test_model_files_record_their_modality_and_old_files_read_as_mr(tmp_path):
+    old = FORMAT_1_BRAIN
+    assert "modality" not in torch.load(old, weights_only=True)["metadata"]  # written before modality was recorded
+    assert load_model(old)[1].modality == "mr"
     model = RWCNet(tiny_model())
     save_model(tmp_path / "ct.pt", model, ModelMetadata(modality="ct"))
     assert load_model(tmp_path / "ct.pt")[1].modality == "ct"
@@ -219,9 +221,7 @@ def test_model_files_record_their_modality_and_old_files_read_as_mr(tmp_path):
 
 
 def test_format_1_files_read_through_the_versioned_reader(tmp_path):
-    from importlib import resources
-
-    shipped = Path(str(resources.files("rwcnet") / "weights" / "brain.pt"))
+    shipped = FORMAT_1_BRAIN
     payload = torch.load(shipped, weights_only=True)
     assert payload["format_version"] == 1
     _, metadata = load_model(shipped)

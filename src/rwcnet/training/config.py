@@ -224,7 +224,8 @@ def _distill_brain() -> TrainingConfig:
     # selection (endpoint error against the teacher, both contrasts). A third of the moving images have their
     # contrast inverted (the target is the same field), and the fixed image is deformed by up to 4 mm more (the
     # target composed), so four real pairs give many. 20 % are cpu-brain's semi-synthetic pairs (exact truth).
-    # No image loss: an inverted moving image has no MSE to match. Meant to start from brain.pt (--init).
+    # No image loss: an inverted moving image has no MSE to match. Starts from the cpu-brain model (--init
+    # tests/fixtures/brain_cpu_brain_v1.pt); the shipped brain.pt is this preset's run (training/distill-brain/).
     return TrainingConfig(
         name="distill-brain",
         model="cpu",
