@@ -163,9 +163,10 @@ def _cpu_losses() -> LossConfig:
     return LossConfig(mse=10.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8)
 
 
-def _brain_data(**extra) -> DataConfig:
-    """Brains 0003-0005 of ../shared/data/brain (0001/0002 held out): 25 % real pairs, the rest semi-synthetic."""
-    return DataConfig(dataset="../shared/data/brain", exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"], real_fraction=0.25,
+def _brain_data(real_fraction: float = 0.25, **extra) -> DataConfig:
+    """Brains 0003-0005 of ../shared/data/brain (0001/0002 held out): ``real_fraction`` real pairs, the rest semi-synthetic."""
+    return DataConfig(dataset="../shared/data/brain", exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"],
+                      real_fraction=real_fraction,
                       synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)), **extra)
 
 
@@ -235,10 +236,8 @@ def _distill_brain() -> TrainingConfig:
         ],
         losses=LossConfig(mse=0.0, dice=0.0, regulariser=0.1, sequence_gamma=0.8),
         supervised=1.0,
-        data=DataConfig(dataset="../shared/data/brain", exclude=["BRAIN_0001_0000", "BRAIN_0002_0000"], real_fraction=0.0,
-                        synthetic=SyntheticConfig(magnitude_mm=(2.0, 8.0), smoothness_mm=(15.0, 30.0)),
-                        teacher=TeacherConfig(fraction=0.8, validation=[("BRAIN_0003_0000", "BRAIN_0005_0000")],
-                                              invert_moving=1 / 3, warp_fixed_mm=(0.0, 4.0))),
+        data=_brain_data(real_fraction=0.0, teacher=TeacherConfig(fraction=0.8, validation=[("BRAIN_0003_0000", "BRAIN_0005_0000")],
+                                                                  invert_moving=1 / 3, warp_fixed_mm=(0.0, 4.0))),
         validation=ValidationConfig(pairs=2, every=50, magnitude_mm=8.0, smoothness_mm=20.0, metric="teacher", at_start=True),
         checkpoint_every=10,
         threads=2,
