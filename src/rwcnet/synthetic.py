@@ -136,6 +136,13 @@ def _invertible(field: Tensor, spacing_mm: Sequence[float], min_jacobian: float)
     return field
 
 
+def coarse_grid(shape: Sequence[int], spacing_mm: Sequence[float], factor: int) -> tuple[list[int], list[float]]:
+    """A grid about ``factor`` times coarser over the same extent (at least 2 voxels per axis): its shape and spacing
+    (mm). Deformations are generated there and brought back with :func:`rwcnet.geometry.resize_field`."""
+    coarse = [max(2, math.ceil(n / factor)) for n in shape]
+    return coarse, [s * n / c for s, n, c in zip(spacing_mm, shape, coarse)]
+
+
 def random_deformation(shape: Sequence[int], spacing_mm: Sequence[float], *, magnitude_mm: float,
                        smoothness_mm: float, seed: int = 0, min_jacobian: float = 0.1,
                        device=None, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -35,7 +35,7 @@ from rwcnet.data.datasets import Learn2RegDataset, Pair, image_id
 from rwcnet.errors import InputError
 from rwcnet.intensity import invert_contrast, scale_intensity
 from rwcnet.data.formats import Image, read_image, read_keypoints
-from rwcnet.synthetic import (IntensitySettings, breathing_deformation, intensity_perturbation, make_pair,
+from rwcnet.synthetic import (IntensitySettings, breathing_deformation, coarse_grid, intensity_perturbation, make_pair,
                               random_deformation)
 from rwcnet.training.synthmorph_source import LabelPairSource
 from rwcnet.training.teacher import TeacherFields, augment
@@ -193,9 +193,7 @@ class TrainingData:
         """A semi-synthetic pair: a random field of largest ``magnitude`` mm, or with ``breathing`` =
         (signed amplitude mm, expansion) a breathing field (negative amplitude: exhale-like)."""
         shape = entry.image.shape[2:]
-        factor = self.synthetic.generation_downsample
-        coarse = [max(2, math.ceil(n / factor)) for n in shape]
-        coarse_spacing = [s * n / c for s, n, c in zip(entry.spacing, shape, coarse)]
+        coarse, coarse_spacing = coarse_grid(shape, entry.spacing, self.synthetic.generation_downsample)
         if breathing is None:
             phi = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=smoothness,
                                      seed=_seed(rng), min_jacobian=self.synthetic.min_jacobian)
@@ -233,11 +231,14 @@ class TrainingData:
             items["moving_keypoints"] = torch.from_numpy(moving.keypoints).float()[None]
         return items
 
+    def _teacher_truth(self, pair: Pair) -> Tensor:
+        """The teacher's field of ``pair`` ``(1, 3, X, Y, Z)`` on the padded grid (zeros in the padding)."""
+        return pad_to_multiple(self.teacher.field(pair), self.alignment, mode="zeros")
+
     def _teacher_pair(self, pair: Pair, rng: np.random.Generator) -> dict:
         """A real pair whose known ``truth`` is the teacher's field (augmented: :func:`rwcnet.training.teacher.augment`)."""
         items = self._real_pair(pair, rng)
-        truth = pad_to_multiple(self.teacher.field(pair), self.alignment, mode="zeros")
-        fixed, moving, truth = augment(items["fixed"], items["moving"], truth, self._load(pair.fixed).spacing,
+        fixed, moving, truth = augment(items["fixed"], items["moving"], self._teacher_truth(pair), self._load(pair.fixed).spacing,
                                        self.data.teacher, rng, self.synthetic)
         return dict(fixed=fixed, moving=moving, truth=truth)
 
@@ -339,12 +340,13 @@ class TrainingData:
         samples = []
         for pair in [] if self.teacher is None else self.teacher.validation:
             fixed, moving = self._load(pair.fixed), self._load(pair.moving)
+            truth, mask = self._teacher_truth(pair), self._foreground(fixed.image)
             variants = [("", moving.image)]
             if self.data.teacher.invert_moving > 0:
                 variants.append((":inverted", torch.from_numpy(invert_contrast(moving.image.numpy()))))
             for suffix, image in variants:
-                samples.append(Sample(key=f"teacher:{pair.key}{suffix}", fixed=fixed.image, moving=image, spacing=fixed.spacing,
-                                      seed=0, truth=pad_to_multiple(self.teacher.field(pair), self.alignment, mode="zeros"), mask=self._foreground(fixed.image)))
+                samples.append(Sample(key=f"teacher:{pair.key}{suffix}", fixed=fixed.image, moving=image,
+                                      spacing=fixed.spacing, seed=0, truth=truth, mask=mask))
         return samples
 
     def report_pairs(self) -> list[Pair]:

@@ -167,8 +167,8 @@ def train(config: TrainingConfig, output: str | Path, *, resume: bool = False, s
             dist.broadcast_object_list(box, src=0)
             result = box[0]
         with signals.critical():
-            metric = {"dice": lambda: -result["label_dice"], "epe": lambda: result["epe"],
-                      "teacher": lambda: result["teacher_epe"]}[config.validation.metric]()
+            key = {"dice": "label_dice", "epe": "epe", "teacher": "teacher_epe"}[config.validation.metric]
+            metric = -result[key] if key == "label_dice" else result[key]  # lower is better
             if metric < state["best_metric"]:
                 state["best_metric"] = metric
                 state["best"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

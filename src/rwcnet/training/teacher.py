@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from rwcnet.intensity import invert_contrast
 from rwcnet.geometry.layout import field_tensor
 from rwcnet.outputs import atomic_output
 from rwcnet.register import register
-from rwcnet.synthetic import random_deformation
+from rwcnet.synthetic import coarse_grid, random_deformation
 from rwcnet.training.data_config import SyntheticConfig, TeacherConfig
 
 #: What the teacher runs (recorded next to every cached field).
@@ -138,8 +137,7 @@ def augment(fixed: torch.Tensor, moving: torch.Tensor, truth: torch.Tensor, spac
     magnitude = float(rng.uniform(*settings.warp_fixed_mm))
     if magnitude > 0:
         shape = fixed.shape[2:]
-        coarse = [max(2, math.ceil(n / synthetic.generation_downsample)) for n in shape]
-        coarse_spacing = [s * n / c for s, n, c in zip(spacing, shape, coarse)]
+        coarse, coarse_spacing = coarse_grid(shape, spacing, synthetic.generation_downsample)
         extra = random_deformation(coarse, coarse_spacing, magnitude_mm=magnitude, smoothness_mm=settings.warp_smoothness_mm,
                                    seed=int(rng.integers(0, 2**31 - 1)), min_jacobian=synthetic.min_jacobian)
         extra = geometry.resize_field(extra, shape)
