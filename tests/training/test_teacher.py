@@ -20,6 +20,7 @@ from rwcnet.training.data import TrainingData
 from rwcnet.training.data_config import SyntheticConfig, TeacherConfig
 from rwcnet.training.loop import train
 from rwcnet.training.log import read_log
+from rwcnet.training.runtime import comparable
 from rwcnet.training.teacher import TeacherFields, augment
 from train_fixture import SHAPE, tiny_config, write_dataset
 
@@ -128,5 +129,7 @@ def test_a_training_run_learns_from_teacher_pairs_and_selects_on_the_held_out_on
     assert train(config, output, progress=False)["status"] == "finished"
     records = [r for r in read_log(output / "log.jsonl") if r["kind"] == "validation"]
     assert records and all(r["teacher_epe_before"] > 0 and np.isfinite(r["teacher_epe"]) for r in records)
+    moved = TrainingConfig.model_validate(_teacher_config(teacher_dataset, tmp_path / "elsewhere"))
+    assert comparable(moved) == comparable(config)  # a cache folder is a path: a resume may move it
     with pytest.raises(ValueError, match="metric: teacher needs data.teacher"):
         TrainingConfig.model_validate(tiny_config(teacher_dataset, validation={"pairs": 1, "metric": "teacher"}))

@@ -139,6 +139,8 @@ def comparable(config: TrainingConfig) -> dict:
     if data["data"].get("synthmorph"):
         for key in ("labels", "cache"):
             data["data"]["synthmorph"].pop(key)
+    if data["data"].get("teacher"):
+        data["data"]["teacher"].pop("cache")
     return data
 
 
