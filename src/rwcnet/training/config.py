@@ -15,6 +15,9 @@ Presets (:func:`training_preset`):
   pairs among them; the labelled pair 0001/0002 is never seen in training or
   checkpoint selection and is scored once at the end.
 * ``synth-brain`` — the ``cpu`` network from label-map synthesis (SynthMorph-style) plus brains 0003-0005.
+* ``distill-brain`` — the ``cpu`` network learns the fields of rwcnet's own optimisation on brains 0003-0005
+  (the shipped ``brain`` model); ``distill-brain-joint`` — the same data in one phase where both stages train
+  together on input crops.
 * ``cpu-lung`` — the ``cpu`` network on breathing-like deformations of the one shared thorax CT.
 """
 
@@ -52,6 +55,15 @@ class PhaseConfig(Strict):
     loss_grid: Literal["stage", "full"] = Field(
         "full", description="compute the loss on the stage grid (cheap) or at full resolution (trains the upsampler)"
     )
+    joint: bool = Field(
+        False, description="train every stage up to `stage`, their carries and the convex upsampler together, none frozen "
+        "(the earlier stages then run with gradients: give a `crop`)"
+    )
+    crop: int | tuple[int, int, int] | None = Field(
+        None, description="cut each pair to a box of this many full-resolution voxels per axis (a multiple of the network's "
+        "alignment), centred on a random foreground voxel, before the network sees it; label-map pairs are synthesised "
+        "on that box; excludes `patch`"
+    )
 
     @field_validator("patch")
     @classmethod
@@ -61,6 +73,20 @@ class PhaseConfig(Strict):
         if isinstance(value, tuple) and min(value) < 2:
             raise ValueError(f"a patch size must be at least 2 voxels per axis, got {value}")
         return value
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, value):
+        sizes = (value,) * 3 if isinstance(value, int) else value
+        if sizes is not None and min(sizes) < 8:
+            raise ValueError(f"a crop must be at least 8 voxels per axis, got {value}")
+        return sizes
+
+    @model_validator(mode="after")
+    def _crop_or_patch(self) -> "PhaseConfig":
+        if self.crop is not None and self.patch is not None:
+            raise ValueError("give a phase either `crop` (full-resolution input box) or `patch` (stage-grid region), not both")
+        return self
 
 
 class ValidationConfig(Strict):
@@ -244,6 +270,17 @@ def _distill_brain() -> TrainingConfig:
     )
 
 
+def _distill_brain_joint() -> TrainingConfig:
+    # distill-brain's data, losses and selection in one joint phase: both stages, their carry and the convex
+    # upsampler train together on 80^3 full-resolution crops, none frozen. On smooth deformations of 2 mm brain
+    # crops the network learned far faster than stage by stage (benchmarks/end_to_end_learning.py,
+    # docs/training.md). Starts from the shipped model (--init src/rwcnet/weights/brain.pt).
+    base = _distill_brain().model_dump()
+    base.update(name="distill-brain-joint", validation={**base["validation"], "every": 100},
+                phases=[dict(stage=2, steps=DISTILL_JOINT_STEPS, lr=5e-4, crop=(80, 80, 80), joint=True, loss_grid="full")])
+    return TrainingConfig.model_validate(base)
+
+
 def _cpu_lung() -> TrainingConfig:
     # The shipped ``lung`` model (issue 18): the ``cpu`` network on the one shared thorax CT
     # (../shared/data/lung, a folder of images without a dataset JSON), deformed by breathing-like fields
@@ -285,16 +322,20 @@ SYNTH_BRAIN_VALIDATE_EVERY = 100
 #: Steps of the two ``distill-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
 DISTILL_BRAIN_STEPS = (300, 150)
 
+#: Steps of the one joint ``distill-brain-joint`` phase (80^3 crops, both stages).
+DISTILL_JOINT_STEPS = 400
+
 #: Steps of the two ``cpu-brain`` phases (patches of the 1/4- and the 1/2-resolution grids).
 CPU_BRAIN_STEPS = (250, 90)
 
 TRAINING_PRESETS: Presets[TrainingConfig] = Presets(
     "training", {"oasis": _oasis, "nlst": _nlst, "cpu-brain": _cpu_brain, "synth-brain": _synth_brain,
-                 "distill-brain": _distill_brain, "cpu-lung": _cpu_lung})
+                 "distill-brain": _distill_brain, "distill-brain-joint": _distill_brain_joint, "cpu-lung": _cpu_lung})
 
 
 def training_preset(name: str) -> TrainingConfig:
-    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain``, ``synth-brain``, ``distill-brain`` or ``cpu-lung``."""
+    """A training preset by name: ``oasis``, ``nlst``, ``cpu-brain``, ``synth-brain``, ``distill-brain``,
+    ``distill-brain-joint`` or ``cpu-lung``."""
     if name not in TRAINING_PRESETS:
         raise InputError(f"unknown training preset {name!r}; use one of {', '.join(TRAINING_PRESETS)} or a YAML file")
     return TRAINING_PRESETS[name]

@@ -276,7 +276,8 @@ class TrainingData:
         rng = np.random.default_rng([self.config.seed, phase_index, index])
         seed = _seed(rng)
         if self.label_pairs is not None and rng.random() < self.label_pairs.settings.fraction:
-            key, items = self.label_pairs.training_pair(rng, downsample, self._crop_size(downsample, phase.patch))
+            patch = phase.patch if phase.crop is None else tuple(max(1, n // downsample) for n in phase.crop)
+            key, items = self.label_pairs.training_pair(rng, downsample, self._crop_size(downsample, patch))
             return Sample(key=key, spacing=self.label_pairs.spacing, seed=seed, **items)
         if self.teacher is not None and rng.random() < self.data.teacher.fraction:
             pair = self.teacher.training[int(rng.integers(len(self.teacher.training)))]
@@ -300,8 +301,29 @@ class TrainingData:
                 breathing = (sign * float(rng.uniform(*settings.amplitude_mm)), float(rng.uniform(*settings.expansion)))
             items = self._synthetic_pair(entry, rng, magnitude, smoothness, self.synthetic.intensity, breathing)
             key, spacing = f"synthetic:{image_id(path)}", entry.spacing
+        if phase.crop is not None:
+            items = self._cut(items, phase.crop, rng)
         region = self._region(items["fixed"], downsample, phase.patch, rng)
         return Sample(key=key, spacing=spacing, seed=seed, region=region, **items)
+
+    def _cut(self, items: dict, crop: tuple[int, int, int], rng: np.random.Generator) -> dict:
+        """An image pair's tensors cut to a ``crop`` box of full-resolution voxels, placed on the alignment grid and
+        centred on a random foreground voxel of the fixed image; keypoints shifted into it (fixed ones outside dropped)."""
+        if any(n % self.alignment for n in crop):
+            raise InputError(f"{self.dataset.json_path}: a training crop must be a multiple of the network's alignment "
+                             f"({self.alignment} voxels), got {tuple(crop)}")
+        box = self._region(items["fixed"], self.alignment, tuple(n // self.alignment for n in crop), rng)
+        box = tuple(slice(s.start * self.alignment, s.stop * self.alignment) for s in box)
+        volume = (slice(None), slice(None), *box)
+        cut = {name: value[volume] if isinstance(value, Tensor) and value.dim() == 5 else value
+               for name, value in items.items()}
+        if items.get("fixed_keypoints") is not None:
+            origin = torch.tensor([s.start for s in box], dtype=torch.float32)
+            size = torch.tensor([s.stop - s.start for s in box], dtype=torch.float32)
+            fixed_kp, moving_kp = items["fixed_keypoints"] - origin, items["moving_keypoints"] - origin
+            inside = ((fixed_kp >= 0) & (fixed_kp <= size - 1)).all(-1)[0]
+            cut["fixed_keypoints"], cut["moving_keypoints"] = fixed_kp[:, inside], moving_kp[:, inside]
+        return cut
 
     def validation_samples(self) -> list[Sample]:
         """The held-out semi-synthetic pairs: fixed seeds, the validation deformation strength, whole grids.

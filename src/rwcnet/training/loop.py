@@ -68,13 +68,15 @@ REPORT = "report.json"
 
 
 def _setup_phase(model: RWCNet, stage: int, phase: PhaseConfig, env: Distributed, device: torch.device):
-    """Freeze what this phase does not train; returns the (maybe DDP-wrapped) network and its Adam optimiser."""
-    model.freeze_stages(stage)
+    """Freeze what this phase does not train (the stages before ``stage``, 0-based, unless the phase is joint, and
+    every later one); returns the (maybe DDP-wrapped) network and its Adam optimiser."""
+    first = 0 if phase.joint else stage
+    model.freeze_stages(first)
     for index, module in enumerate(model.stages):
         if index > stage:
             module.requires_grad_(False)
-    for index, carry in enumerate(model.carry):
-        carry.requires_grad_(index + 1 == stage)
+    for index, carry in enumerate(model.carry):  # carry ``index`` feeds stage ``index + 1``
+        carry.requires_grad_(first <= index + 1 <= stage)
     if model.upsampler is not None:
         model.upsampler.requires_grad_(stage == len(model.stages) - 1)
     params = [p for p in model.parameters() if p.requires_grad]
