@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -56,6 +57,24 @@ def test_a_cropped_sample_is_the_uncropped_sample_cut_on_the_alignment_grid(data
     with pytest.raises(Exception, match="multiple of the network's alignment"):
         bad = _joint_config(dataset, joint=True, crop=(12, 16, 16))
         TrainingData(bad, alignment=8).sample(1, bad.phases[1], 2, 0)
+
+
+def test_a_crop_shifts_keypoints_into_its_box_and_drops_fixed_ones_outside(dataset):
+    config = _joint_config(dataset, joint=True, crop=(16, 16, 16))
+    data = TrainingData(config, alignment=8)
+    fixed = torch.zeros(1, 1, 32, 32, 32)
+    fixed[..., 16:24, 8:16, 0:8] = 1.0  # the only foreground: the box must contain it
+    fixed_kp = torch.tensor([[[20.0, 10.0, 3.0], [2.0, 2.0, 2.0], [30.0, 30.0, 30.0]]])
+    moving_kp = fixed_kp + torch.tensor([1.0, -2.0, 0.5])
+    items = {"fixed": fixed, "moving": fixed.clone(), "fixed_keypoints": fixed_kp, "moving_keypoints": moving_kp}
+    data.data = data.data.model_copy(update={"foreground_threshold": 0.5})
+    cut = data._cut(items, (16, 16, 16), np.random.default_rng(0))
+    origin = next((x, y, z) for x in (8, 16) for y in (0, 8) for z in (0,)
+                  if torch.equal(fixed[..., x:x + 16, y:y + 16, z:z + 16], cut["fixed"]))
+    shift = torch.tensor(origin, dtype=torch.float32)
+    inside = [(k - shift).tolist() for k in fixed_kp[0] if bool(((k - shift >= 0) & (k - shift <= 15)).all())]
+    assert cut["fixed_keypoints"][0].tolist() == inside and [20.0 - origin[0], 10.0 - origin[1], 3.0] in inside
+    assert torch.allclose(cut["moving_keypoints"] - cut["fixed_keypoints"], torch.tensor([1.0, -2.0, 0.5]))
 
 
 def _first_stage(network) -> dict[str, torch.Tensor]:

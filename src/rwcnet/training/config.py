@@ -274,7 +274,7 @@ def _distill_brain_joint() -> TrainingConfig:
     # distill-brain's data, losses and selection in one joint phase: both stages, their carry and the convex
     # upsampler train together on 80^3 full-resolution crops, none frozen. On smooth deformations of 2 mm brain
     # crops the network learned far faster than stage by stage (benchmarks/end_to_end_learning.py,
-    # docs/training.md). Starts from the shipped model (--init src/rwcnet/weights/brain.pt).
+    # docs/training.md). The shipped brain.pt is this preset's run from distill-brain run 1's model (training/README.md).
     base = _distill_brain().model_dump()
     base.update(name="distill-brain-joint", validation={**base["validation"], "every": 100},
                 phases=[dict(stage=2, steps=DISTILL_JOINT_STEPS, lr=5e-4, crop=(80, 80, 80), joint=True, loss_grid="full")])
