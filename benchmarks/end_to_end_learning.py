@@ -10,7 +10,8 @@ start (``--init``: ``untrained`` = the ``cpu`` config seeded 0, or a model file)
 * ``stagewise``: the training loop's order: stage 1 alone for the first half (its own field, upsampled
   trilinearly, against the truth), then stage 2, its carry and the upsampler with stage 1 frozen.
 
-Every ``--every`` steps it prints the held-out endpoint errors: two pairs of brain 0003 and the blob pair of
+Every ``--every`` steps it prints the mean seconds per step so far (the held-out scoring included) and the
+held-out endpoint errors: two pairs of brain 0003 and the blob pair of
 ``tests/model/test_weights.py`` (smooth noise, 4 mm / 12 mm), in voxels.
 
     python benchmarks/end_to_end_learning.py --steps 150 [--arms joint stagewise] [--threads 1]
@@ -78,6 +79,7 @@ def run_arm(arm: str, start, train_images, pairs, args) -> list[dict]:
     model = copy.deepcopy(start)
     half = args.steps // 2
     rows = [{"arm": arm, "step": 0, **held_out(model, pairs)}]
+    print(json.dumps(rows[-1]), flush=True)
 
     def optimiser_for(parameters):
         return torch.optim.Adam([p for p in parameters if p.requires_grad], lr=args.lr)
