@@ -58,10 +58,11 @@ app.command()(demo)
 from rwcnet.commands.convexadam import convexadam  # noqa: E402
 
 app.command()(convexadam)
-from rwcnet.commands.train import plot_log, train  # noqa: E402
+from rwcnet.commands.train import average_models, plot_log, train  # noqa: E402
 
 app.command()(train)
 app.command()(plot_log)
+app.command(name="average-models")(average_models)
 from rwcnet.commands.synth_preview import synth_preview  # noqa: E402
 
 app.command(name="synth-preview")(synth_preview)

@@ -1,4 +1,5 @@
-"""``rwcnet train`` (stage-wise training, exact resume, torchrun) and ``rwcnet plot-log`` (curves of a training log)."""
+"""``rwcnet train`` (stage-wise training, exact resume, torchrun), ``rwcnet plot-log`` (curves of a training log)
+and ``rwcnet average-models`` (the weighted average of fine-tuned models of one network)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,19 @@ def plot_log(
     check_outputs((output, (".png",), "the plot (PNG)"))
     plotted = plot(log, output, smooth=smooth)
     typer.echo(f"{output}: {len(plotted)} curves")
+
+
+def average_models(
+    models: list[Path] = typer.Argument(..., help="model files of one network config (two or more)"),
+    output: Path = typer.Option(..., "--output", "-o", help="model file to write (.pt)"),
+    weight: Optional[list[float]] = typer.Option(None, "--weight", help="one positive weight per model, in order "
+                                                 "(repeatable; default equal; normalised to sum to one)"),
+) -> None:
+    """Average the weights of models fine-tuned from one another into one model file (its metadata lists the inputs)."""
+    from rwcnet.model.files import average_models as average, save_model
+
+    check_outputs((output, (".pt",), "the model file"))
+    model, metadata = average(models, weight or None)
+    save_model(output, model, metadata)
+    shares = ", ".join(f"{entry['weight']:.3f} {entry['file']}" for entry in metadata.training["average_of"])
+    typer.echo(f"{output}: average of {shares}")

@@ -11,7 +11,7 @@ It is a :class:`rwcnet.model.metadata.ModelMetadata`, validated on load; files o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -27,7 +27,6 @@ FORMAT = "rwcnet-model"
 FORMAT_VERSION = 2
 #: Versions this rwcnet reads (1: flat metadata dict, see :mod:`rwcnet.model.metadata`).
 READABLE_VERSIONS = (1, 2)
-
 
 
 def build_model(spec: str | ModelConfig | LapIRNConfig | dict[str, Any]) -> RWCNet | LapIRN:
@@ -83,3 +82,41 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     except (TypeError, ValueError) as error:
         raise InputError(f"{path}: invalid model metadata: {error}") from error
     return model.to(device).eval(), metadata
+
+
+def average_models(paths: Sequence[str | Path], weights: Sequence[float] | None = None
+                   ) -> tuple[RWCNet | LapIRN, ModelMetadata]:
+    """The weighted average of the parameters of model files of one network config (a "model soup").
+
+    Meant for models fine-tuned from one another, such as a model and the
+    fine-tuned model that started from it (weight-space interpolation between
+    them). ``weights`` (positive, default equal) are normalised to sum to one;
+    integer buffers are taken from the first file. The metadata's input fields
+    must agree; its ``training`` keeps every input's record, each with its
+    file name and weight, under ``"average_of"``, and the keys all inputs record
+    alike at the top. Raises :class:`InputError` naming the file that differs.
+    """
+    if len(paths) < 2:
+        raise InputError("averaging needs at least two model files")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths) or min(weights) <= 0:
+        raise InputError(f"averaging needs one positive weight per model file, got {weights} for {len(paths)} files")
+    weights = [w / sum(weights) for w in weights]
+    loaded = [load_model(path) for path in paths]
+    first_model, first_metadata = loaded[0]
+    inputs = {name: value for name, value in first_metadata.to_dict().items() if name != "training"}
+    for path, (model, metadata) in zip(paths[1:], loaded[1:]):
+        if model.config != first_model.config:
+            raise InputError(f"{path}: its network config differs from {paths[0]}'s, so the weights cannot be averaged")
+        differing = sorted(name for name, value in metadata.to_dict().items() if name != "training" and value != inputs[name])
+        if differing:
+            raise InputError(f"{path}: its {', '.join(differing)} differ from {paths[0]}'s")
+    states = [model.state_dict() for model, _ in loaded]
+    averaged = {name: sum(w * state[name] for w, state in zip(weights, states)) if tensor.is_floating_point() else tensor
+                for name, tensor in states[0].items()}
+    first_model.load_state_dict(averaged)
+    records = [metadata.training for _, metadata in loaded]
+    shared = {key: value for key, value in records[0].items() if all(record.get(key) == value for record in records)}
+    training = shared | {"average_of": [{"file": str(path), "weight": w, **record}
+                                        for path, w, record in zip(paths, weights, records)]}
+    return first_model, ModelMetadata(**inputs, training=training)
