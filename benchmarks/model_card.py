@@ -184,7 +184,12 @@ def facts(model: Path) -> str:
     training = metadata.training
     steps = ", ".join(f"{k} {v}" for k, v in training.get("steps", {}).items())
     wall = training.get("wall_seconds")
+    averaged = [f"{entry['weight']:g} × `{entry['file']}` ({entry.get('wall_seconds', 0) / 60:.0f} min)"
+                for entry in training.get("average_of", [])]
+    if averaged and wall is None:
+        wall = sum(entry.get("wall_seconds", 0.0) for entry in training["average_of"])
     return "\n".join([
+        *([f"- The parameter-wise average of {', '.join(averaged)}; wall time below is their sum."] if averaged else []),
         f"- File: `{model.name}`, {model.stat().st_size / 2**20:.1f} MB, {parameters:,} parameters, network preset "
         f"`{training.get('network_preset', '?')}`, modality `{metadata.modality}`.",
         f"- Training preset `{training.get('training_preset', '?')}`; steps: {steps or '?'}; seed {training.get('seed', '?')}; "

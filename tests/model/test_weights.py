@@ -18,6 +18,7 @@ def test_shipped_brain_weights_carry_their_training_metadata():
     assert model.config.name == "cpu"
     assert metadata.orientation == "LIA" and metadata.spacing_mm == (1.0, 1.0, 1.0)
     assert metadata.training["training_preset"] == "distill-brain-joint" and metadata.modality == "mr"
+    assert [entry["weight"] for entry in metadata.training["average_of"]] == [0.5, 0.5]  # the two joint runs, averaged
     images = metadata.training["training_images"]
     assert "BRAIN_0001_0000" not in images and "BRAIN_0002_0000" not in images
 
@@ -45,19 +46,31 @@ def test_shipped_brain_weights_recover_most_of_a_known_smooth_deformation():
     model, _ = load_model(shipped_model_path("brain"))
     fixed, moving, truth = _synthetic_pair()
     before = float(truth[:, :, 8:-8, 8:-8, 8:-8].norm(dim=1).mean())
-    assert _endpoint_error(model, fixed, moving, truth) < 0.75 * before  # measured: 0.74 against 1.61 (distill-brain 0.96, cpu-brain 0.95)
+    assert _endpoint_error(model, fixed, moving, truth) < 0.75 * before  # measured: 0.68 against 1.61
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: the shipped brain.pt (distill-brain-joint) is 0.81x an untrained "
-                                       "network on this pair (endpoint error 0.744 against 0.915; distill-brain 0.96, "
-                                       "cpu-brain 0.95); strict, so a model that passes turns this marker into a failure "
-                                       "to remove")
-def test_shipped_brain_weights_beat_an_untrained_network_of_the_same_config():
+def _errors_of_shipped_and_untrained_brain_networks() -> tuple[float, float]:
+    """Endpoint errors (voxels) on :func:`_synthetic_pair` of ``brain.pt`` and of an untrained network of its config (seed 0)."""
     model, _ = load_model(shipped_model_path("brain"))
     torch.manual_seed(0)
     untrained = build_model(model.config)
     fixed, moving, truth = _synthetic_pair()
-    assert _endpoint_error(model, fixed, moving, truth) <= 0.6 * _endpoint_error(untrained, fixed, moving, truth)
+    return _endpoint_error(model, fixed, moving, truth), _endpoint_error(untrained, fixed, moving, truth)
+
+
+def test_shipped_brain_weights_beat_an_untrained_network_of_the_same_config():
+    """Measured: 0.682 against the untrained network's 0.915 (0.75x). Earlier models: distill-brain-joint 0.744
+    (0.81x), distill-brain 0.96, cpu-brain 0.95; the joint-semi candidate alone 0.634 (0.69x)."""
+    trained, untrained = _errors_of_shipped_and_untrained_brain_networks()
+    assert trained <= 0.8 * untrained
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18's stricter target, missed: the shipped brain.pt is 0.75x an untrained "
+                                       "network on this pair; strict, so a model that passes turns this marker into a "
+                                       "failure to remove")
+def test_shipped_brain_weights_beat_an_untrained_network_by_the_learning_target():
+    trained, untrained = _errors_of_shipped_and_untrained_brain_networks()
+    assert trained <= 0.6 * untrained
 
 
 def _breathing_pair(data):
