@@ -15,9 +15,9 @@ Presets (:func:`training_preset`):
   pairs among them; the labelled pair 0001/0002 is never seen in training or
   checkpoint selection and is scored once at the end.
 * ``synth-brain`` — the ``cpu`` network from label-map synthesis (SynthMorph-style) plus brains 0003-0005.
-* ``distill-brain`` — the ``cpu`` network learns the fields of rwcnet's own optimisation on brains 0003-0005
-  (the shipped ``brain`` model); ``distill-brain-joint`` — the same data in one phase where both stages train
-  together on input crops.
+* ``distill-brain`` — the ``cpu`` network learns the fields of rwcnet's own optimisation on brains 0003-0005;
+  ``distill-brain-joint`` — the same data in one phase where both stages train together on input crops (the
+  shipped ``brain`` model is the mean of two such runs).
 * ``cpu-lung`` — the ``cpu`` network on breathing-like deformations of the one shared thorax CT.
 """
 
@@ -252,7 +252,7 @@ def _distill_brain() -> TrainingConfig:
     # contrast inverted (the target is the same field), and the fixed image is deformed by up to 4 mm more (the
     # target composed), so four real pairs give many. 20 % are cpu-brain's semi-synthetic pairs (exact truth).
     # No image loss: an inverted moving image has no MSE to match. Starts from the cpu-brain model (--init
-    # tests/fixtures/brain_cpu_brain_v1.pt); the shipped brain.pt is this preset's run (training/distill-brain/).
+    # tests/fixtures/brain_cpu_brain_v1.pt); its run (training/distill-brain/) is where the shipped brain.pt started.
     return TrainingConfig(
         name="distill-brain",
         model="cpu",
@@ -274,7 +274,8 @@ def _distill_brain_joint() -> TrainingConfig:
     # distill-brain's data, losses and selection in one joint phase: both stages, their carry and the convex
     # upsampler train together on 80^3 full-resolution crops, none frozen. On smooth deformations of 2 mm brain
     # crops the network learned far faster than stage by stage (benchmarks/end_to_end_learning.py,
-    # docs/training.md). The shipped brain.pt is this preset's run from distill-brain run 1's model (training/README.md).
+    # docs/training.md). The shipped brain.pt is the mean of this preset's run from distill-brain run 1's model and
+    # of a run with teacher fraction 0.5 from that run's model (training/README.md).
     base = _distill_brain().model_dump()
     base.update(name="distill-brain-joint", validation={**base["validation"], "every": 100},
                 phases=[dict(stage=2, steps=DISTILL_JOINT_STEPS, lr=5e-4, crop=(80, 80, 80), joint=True, loss_grid="full")])
