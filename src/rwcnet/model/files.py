@@ -117,6 +117,6 @@ def average_models(paths: Sequence[str | Path], weights: Sequence[float] | None 
     first_model.load_state_dict(averaged)
     records = [metadata.training for _, metadata in loaded]
     shared = {key: value for key, value in records[0].items() if all(record.get(key) == value for record in records)}
-    training = shared | {"average_of": [{"file": str(path), "weight": w, **record}
+    training = shared | {"average_of": [{**record, "file": str(path), "weight": w}
                                         for path, w, record in zip(paths, weights, records)]}
     return first_model, ModelMetadata(**inputs, training=training)
