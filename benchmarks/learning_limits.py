@@ -12,8 +12,9 @@
 The training config is the run's YAML (``--config``, e.g. ``training/synth-brain/run.yaml``); its data paths
 are relative to the working directory, as in training. Brains 0001/0002 are never read.
 
-    python benchmarks/learning_limits.py iterations --checkpoint training/synth-brain/checkpoint.pt
-    python benchmarks/learning_limits.py overfit --steps 100
+    git show 1f72cfe:training/synth-brain/checkpoint.pt > synth-brain-checkpoint.pt   # the run's last checkpoint
+    python benchmarks/learning_limits.py iterations --checkpoint synth-brain-checkpoint.pt
+    python benchmarks/learning_limits.py overfit --steps 100 --checkpoint synth-brain-checkpoint.pt
     python benchmarks/learning_limits.py crop-bound --regulariser 1 10
 """
 
@@ -123,7 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["iterations", "overfit", "crop-bound"])
     parser.add_argument("--config", type=Path, default=REPO / "training/synth-brain/run.yaml")
-    parser.add_argument("--checkpoint", type=Path, default=REPO / "training/synth-brain/checkpoint.pt")
+    parser.add_argument("--checkpoint", type=Path, help="iterations, overfit: a synth-brain training checkpoint "
+                        "(git show 1f72cfe:training/synth-brain/checkpoint.pt)")
     parser.add_argument("--iterations", type=lambda text: tuple(int(n) for n in text.split(",")), nargs="+",
                         default=[(4, 3), (8, 6), (12, 9)])
     parser.add_argument("--models", nargs="+", default=["untrained", "brain.pt", "checkpoint best"],
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--regulariser", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.what != "crop-bound" and args.checkpoint is None:
+        parser.error(f"{args.what} needs --checkpoint (git show 1f72cfe:training/synth-brain/checkpoint.pt > FILE)")
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
     data = TrainingData(config, config.network().alignment)
