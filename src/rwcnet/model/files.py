@@ -101,7 +101,8 @@ def average_models(paths: Sequence[str | Path], weights: Sequence[float] | None 
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths) or min(weights) <= 0:
         raise InputError(f"averaging needs one positive weight per model file, got {weights} for {len(paths)} files")
-    weights = [w / sum(weights) for w in weights]
+    total = sum(weights)
+    weights = [w / total for w in weights]
     loaded = [load_model(path) for path in paths]
     first_model, first_metadata = loaded[0]
     inputs = {name: value for name, value in first_metadata.to_dict().items() if name != "training"}
